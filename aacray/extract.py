@@ -1,0 +1,217 @@
+"""Stage: audio -> sharded embedding Parquet + captions Parquet, on Ray Data.
+
+Pipeline (each numbered stage is one Ray Data operator):
+ 1. list the audio items in the driver (aac-datasets roots or a manifest),
+ 2. read, decode, mono, resample to 32 kHz and log-mel in CPU tasks,
+ 3. encode on an actor pool (the model is loaded once per actor; GPU when configured),
+ 4. write embedding Parquet shards; bad items leave the stream here as quarantine records.
+
+Nothing is dropped silently: every item ends in the embeddings table or in
+`quarantine.json` with its reason, and the job checks items in = written + quarantined.
+The output commits with its manifest written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from aacray import audio, storage
+from aacray.config import ExtractConfig, dump_yaml
+from aacray.corpora import list_items
+from aacray.embeddings import CAPTION_SCHEMA, embedding_schema, embedding_table
+
+log = logging.getLogger("aacray.extract")
+
+QUARANTINE_DIR = "_quarantine"
+
+
+class TooManyBadItems(RuntimeError):
+    """More items were quarantined than `max_bad_fraction` allows."""
+
+
+def logmel_row(row: dict, max_seconds: float) -> dict:
+    """Stage 2 (CPU task): one item -> its log-mel (T, 224), or the reason it is unusable."""
+    out = {
+        "audio_id": row["audio_id"],
+        "subset": row["subset"],
+        "uri": row["uri"],
+        "sample_rate": 0,
+        "error": "",
+        "logmel": np.zeros((0, audio.N_MELS), np.float32),
+    }
+    try:
+        data = storage.read_bytes(row["uri"])
+        wav, sr = audio.load_clip(data, row["uri"], max_seconds)
+        out["logmel"] = audio.log_mel(wav).numpy()
+        out["sample_rate"] = sr
+    except FileNotFoundError:
+        out["error"] = f"{row['uri']}: file not found"
+    except (audio.AudioError, storage.StorageError) as e:
+        out["error"] = str(e)
+    return out
+
+
+class EncodeActor:
+    """Stage 3 (actor): log-mel batches -> frame embeddings; bad rows go to quarantine."""
+
+    def __init__(self, encoder: str, checkpoint: str | None, output: str, dtype: str, use_gpu: bool):
+        import torch
+
+        from aacray.encoder import build_encoder
+
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model, self.provenance = build_encoder(encoder, checkpoint)
+        self.model.to(self.device).eval()
+        self.output = output
+        self.dtype = dtype
+
+    def __call__(self, batch: dict) -> pa.Table:
+        import torch
+
+        n = len(batch["audio_id"])
+        good = [i for i in range(n) if not batch["error"][i]]
+        bad = [i for i in range(n) if batch["error"][i]]
+        if bad:
+            records = [
+                {"audio_id": str(batch["audio_id"][i]), "uri": str(batch["uri"][i]), "reason": str(batch["error"][i])}
+                for i in bad
+            ]
+            key = hashlib.sha1("|".join(r["audio_id"] for r in records).encode()).hexdigest()[:16]
+            storage.write_json(storage.join(self.output, QUARANTINE_DIR, f"{key}.json"), records)
+        frames: dict[int, np.ndarray] = {}
+        # equal-length clips share a forward pass: no padding, so batching never changes a result
+        by_len: dict[int, list[int]] = {}
+        for i in good:
+            by_len.setdefault(batch["logmel"][i].shape[0], []).append(i)
+        with torch.inference_mode():
+            for idx in by_len.values():
+                x = torch.from_numpy(np.stack([batch["logmel"][i] for i in idx])).to(self.device)
+                emb = self.model(x).float().cpu().numpy()  # (B, 768, S)
+                for j, i in enumerate(idx):
+                    frames[i] = emb[j].T.copy()  # (S, 768)
+        return embedding_table(
+            [str(batch["audio_id"][i]) for i in good],
+            [str(batch["subset"][i]) for i in good],
+            [frames[i] for i in good],
+            [str(batch["uri"][i]) for i in good],
+            [int(batch["sample_rate"][i]) for i in good],
+            self.dtype,
+        )
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    import ray
+    import ray.data
+
+    from aacray.encoder import build_encoder
+    from aacray.runtime import init_ray
+
+    t0 = time.time()
+    items = list_items(cfg.input.kind, cfg.input.root, cfg.input.subsets, cfg.input.manifest)
+    if not items:
+        raise ValueError(f"no audio items found in {cfg.input}")
+    out = cfg.output
+    log.info("extract_embeddings: %d items -> %s", len(items), out)
+    storage.begin_output(out, ["embeddings", "captions", QUARANTINE_DIR])
+    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
+    # the driver resolves provenance once (and warns loudly about a random init)
+    _, provenance = build_encoder(cfg.encoder.name, cfg.encoder.checkpoint)
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    # 1. items
+    ds = ray.data.from_items(
+        [{"audio_id": it.audio_id, "subset": it.subset, "uri": it.uri} for it in items],
+        override_num_blocks=max(1, min(len(items), 4 * cfg.actors.num_actors * 4)),
+    )
+    # 2. decode + log-mel in CPU tasks
+    ds = ds.map(logmel_row, fn_kwargs={"max_seconds": cfg.max_seconds}, num_cpus=1)
+    # 3. encode on an actor pool
+    ds = ds.map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={
+            "encoder": cfg.encoder.name,
+            "checkpoint": cfg.encoder.checkpoint,
+            "output": out,
+            "dtype": cfg.dtype,
+            "use_gpu": cfg.actors.num_gpus > 0,
+        },
+        batch_size=cfg.actors.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors),
+        num_gpus=cfg.actors.num_gpus,
+        num_cpus=cfg.actors.num_cpus,
+    )
+    # 4. write the shards
+    fs, path = storage.arrow_fs(storage.join(out, "embeddings"))
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=cfg.rows_per_file)
+    t_enc = time.time() - t0
+
+    quarantine = _collect_quarantine(out)
+    bad_ids = {q["audio_id"] for q in quarantine}
+    good_items = [it for it in items if it.audio_id not in bad_ids]
+    cap_rows = [
+        (f"{it.audio_id}#{j}", it.subset, text, it.audio_id)
+        for it in good_items
+        for j, text in enumerate(it.captions)
+    ]
+    captions = pa.table(
+        [pa.array([r[k] for r in cap_rows], pa.string()) for k in range(4)], schema=CAPTION_SCHEMA
+    )
+    storage.write_table(out, "captions", captions)
+    storage.write_json(storage.join(out, "quarantine.json"), quarantine)
+    storage.remove(storage.join(out, QUARANTINE_DIR))
+
+    stats = {
+        "items_in": len(items),
+        "written": None,
+        "quarantined": len(quarantine),
+        "captions_written": captions.num_rows,
+        "captions_of_quarantined_audio": sum(len(it.captions) for it in items if it.audio_id in bad_ids),
+        "seconds": round(t_enc, 2),
+        "encoder": provenance,
+        "dtype": cfg.dtype,
+        "schema": str(embedding_schema(cfg.dtype)),
+    }
+    manifest = storage.commit_output(out, "extract_embeddings", stats, ["embeddings", "captions"])
+    written = manifest["tables"]["embeddings"]["rows"]
+    if written + len(quarantine) != len(items):
+        storage.remove(storage.join(out, storage.MANIFEST))
+        raise RuntimeError(
+            f"item accounting failed: {len(items)} in, {written} written, {len(quarantine)} quarantined"
+        )
+    stats["written"] = written
+    stats["clips_per_s"] = round(written / max(t_enc, 1e-9), 2)
+    manifest["extra"].update(stats)
+    storage.write_json(storage.join(out, storage.MANIFEST), manifest)
+    for q in quarantine:
+        log.warning("quarantined %s: %s", q["audio_id"], q["reason"])
+    summary = {k: stats[k] for k in ("items_in", "written", "quarantined", "seconds", "clips_per_s")}
+    summary["random_init_encoder"] = provenance.get("random_init")
+    summary["output"] = out
+    share = len(quarantine) / len(items)
+    if share > cfg.max_bad_fraction:
+        raise TooManyBadItems(
+            f"{len(quarantine)} of {len(items)} items quarantined ({share:.1%} > max_bad_fraction="
+            f"{cfg.max_bad_fraction}); see {storage.join(out, 'quarantine.json')}. Fix or remove them, "
+            "or raise max_bad_fraction to accept."
+        )
+    return summary
+
+
+def _collect_quarantine(out: str) -> list[dict]:
+    folder = storage.join(out, QUARANTINE_DIR)
+    fs, path = storage.get_fs(folder)
+    records: dict[str, dict] = {}
+    if fs.exists(path):
+        for p in sorted(fs.find(path)):
+            if p.endswith(".json"):
+                with fs.open(p, "rb") as f:
+                    for r in json.loads(f.read()):
+                        records[r["audio_id"]] = r  # a retried task rewrites the same records
+    return sorted(records.values(), key=lambda r: r["audio_id"])

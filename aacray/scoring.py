@@ -1,0 +1,434 @@
+"""Stage (the main job): score the audio x caption cross product, reduce, rank, evaluate.
+
+Blocks. The caption set is cut into blocks of `caption_block_size` captions; each block is
+scored against EVERY audio of the index by one actor of a Ray Data pool. So a block's
+per-caption min/max and text-to-audio top-k are final when it finishes, and only the
+per-audio audio-to-text candidates (raw and min-max) are merged across blocks, by the
+driver, as block results stream in. The full N x M matrix never exists anywhere unless
+`write_scores` asks for it (each actor then writes its block's rows itself).
+
+Memory model: an actor holds the model and the projected audio index (N x S x D floats)
+plus one block of losses (N x caption_block_size); the driver holds N x k and M x k
+top-k rows and M caption stats. Cost model: pairs x FLOPs per pair / device rate (see
+README).
+
+Inside an actor (`PairScorer`) each audio is projected once, captions are sorted by
+length so a batch pads little, and pairs run in batches of `pairs_per_batch`.
+Numerics: fp32 by default; bf16 autocast as an option; the loss is always reduced in fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from aacray import storage
+from aacray.decoder import CaptionDecoder, pair_loss, pair_loss_memory
+from aacray.embeddings import EmbeddingSet, check_embeddings, read_captions, read_embeddings
+from aacray.retrieval import (
+    BlockResult,
+    CaptionStats,
+    TopK,
+    retrieval_metrics,
+    score_block,
+    topk_merge,
+)
+from aacray.text import WordTokenizer, normalize
+
+log = logging.getLogger("aacray.scoring")
+
+TABLES = ["caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw"]
+CORNER = 32  # heatmap side
+N_CURVES = 3  # queries in the loss-curve figure
+
+
+class BadInputError(ValueError):
+    """Inputs score_matrix refuses before scoring; the message names the items."""
+
+
+# --------------------------------------------------------------------------------------
+# In-process scoring (pure torch; the actors and the tests call it)
+# --------------------------------------------------------------------------------------
+
+
+class PairScorer:
+    """Loss matrix of a fixed audio index against any list of tokenised captions."""
+
+    def __init__(
+        self,
+        model: CaptionDecoder,
+        pad_id: int,
+        frames: list[np.ndarray],
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        pairs_per_batch: int = 4096,
+    ):
+        self.model = model.to(device).eval()
+        self.pad_id = pad_id
+        self.device = torch.device(device)
+        self.pairs_per_batch = pairs_per_batch
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        )
+        # audios sorted by length: a chunk of neighbours pads little
+        self.n_audios = len(frames)
+        lens = np.array([f.shape[0] for f in frames])
+        self.order = np.argsort(lens, kind="stable")
+        self.lens = lens[self.order]
+        S, D = int(lens.max()), model.cfg.d_model
+        self.memory = torch.zeros(len(frames), S, D, device=self.device)
+        self.mask = torch.ones(len(frames), S, dtype=torch.bool, device=self.device)
+        with torch.inference_mode():
+            for j, i in enumerate(self.order):
+                f = torch.tensor(np.asarray(frames[i], np.float32), device=self.device)[None]
+                self.memory[j, : f.shape[1]] = model.encode(f)[0].float()
+                self.mask[j, : f.shape[1]] = False
+        # fixed audio chunks of at most pairs_per_batch audios, each padded to its longest
+        self.chunks = [
+            (a0, min(a0 + pairs_per_batch, self.n_audios), int(self.lens[min(a0 + pairs_per_batch, self.n_audios) - 1]))
+            for a0 in range(0, self.n_audios, pairs_per_batch)
+        ]
+
+    def loss_matrix(self, tokens: list[list[int]]) -> np.ndarray:
+        """Token id lists of m captions ([bos .. eos]) -> losses (N, m) float32.
+
+        Every forward is one caption (unpadded) against one fixed chunk of the length-sorted
+        audio index, so a pair's loss is computed the same way, to the bit, whatever the
+        caption block it arrives in and whichever actor scores it.
+        """
+        m = len(tokens)
+        out = np.empty((self.n_audios, m), dtype=np.float32)
+        with torch.inference_mode(), self.autocast:
+            for j in range(m):
+                tok = torch.tensor(tokens[j], dtype=torch.long, device=self.device)[None]
+                for a0, a1, S in self.chunks:
+                    losses = pair_loss_memory(
+                        self.model, self.memory[a0:a1, :S], self.mask[a0:a1, :S], tok.expand(a1 - a0, -1), self.pad_id
+                    )
+                    out[self.order[a0:a1], j] = losses.float().cpu().numpy()
+        return out
+
+    def loss_pairs(self, audio_index: list[int], tokens: list[list[int]]) -> np.ndarray:
+        """Losses (P,) float32 of listed pairs: audio_index[p] (position in the frames given
+        to the constructor) with tokens[p]. Same numerics as `loss_matrix`."""
+        P = len(tokens)
+        out = np.empty(P, dtype=np.float32)
+        if P == 0:
+            return out
+        rank_of = np.empty(self.n_audios, dtype=np.int64)
+        rank_of[self.order] = np.arange(self.n_audios)
+        rows = rank_of[np.asarray(audio_index, dtype=np.int64)]
+        p_order = np.lexsort((np.array([len(t) for t in tokens]), rows))
+        with torch.inference_mode(), self.autocast:
+            for p0 in range(0, P, self.pairs_per_batch):
+                idx = p_order[p0 : p0 + self.pairs_per_batch]
+                r = torch.as_tensor(rows[idx], device=self.device)
+                S = int(self.lens[rows[idx]].max())
+                T = max(len(tokens[i]) for i in idx)
+                tok = torch.full((len(idx), T), self.pad_id, dtype=torch.long)
+                for j, i in enumerate(idx):
+                    tok[j, : len(tokens[i])] = torch.tensor(tokens[i])
+                losses = pair_loss_memory(
+                    self.model, self.memory[r, :S], self.mask[r, :S], tok.to(self.device), self.pad_id
+                )
+                out[idx] = losses.float().cpu().numpy()
+        return out
+
+
+def reference_loss_matrix(model: CaptionDecoder, pad_id: int, frames: list[np.ndarray], tokens: list[list[int]]) -> np.ndarray:
+    """The plain loop: one `pair_loss` call per (audio, caption) pair. For tests."""
+    model.eval()
+    out = np.empty((len(frames), len(tokens)), dtype=np.float32)
+    with torch.inference_mode():
+        for i, f in enumerate(frames):
+            x = torch.tensor(np.asarray(f, np.float32))[None]
+            for j, t in enumerate(tokens):
+                out[i, j] = float(pair_loss(model, x, None, torch.tensor([t]), pad_id)[0])
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and their checks
+# --------------------------------------------------------------------------------------
+
+
+def load_inputs(audio_uri: str, audio_subsets, captions_uri: str, caption_subsets, tok: WordTokenizer, max_tokens: int):
+    """(audio EmbeddingSet, caption ids, token lists, ground-truth audio or None, texts).
+    Raises BadInputError naming the items, before any scoring."""
+    audio = read_embeddings(audio_uri, audio_subsets)
+    bad = [f"audio {a}: {why}" for a, why in check_embeddings(audio, "index")]
+    if not audio.audio_ids:
+        bad.append(f"the audio index {audio_uri} (subsets {audio_subsets}) is empty")
+    table = read_captions(captions_uri, caption_subsets)
+    cids = table.column("caption_id").to_pylist()
+    texts = table.column("text").to_pylist()
+    gts = table.column("audio_id").to_pylist()
+    if not cids:
+        bad.append(f"the caption set {captions_uri} (subsets {caption_subsets}) is empty")
+    seen, dups = set(), set()
+    for c in cids:
+        (dups if c in seen else seen).add(c)
+    if dups:
+        bad.append(f"duplicate caption ids: {sorted(dups)[:10]}")
+    index = set(audio.audio_ids)
+    missing = [(c, a) for c, a in zip(cids, gts, strict=True) if a is not None and a not in index]
+    if missing:
+        bad.append(
+            f"{len(missing)} caption(s) whose ground-truth audio is not in the index, e.g. "
+            f"{missing[:5]}: add those audios to the index or select matching subsets"
+        )
+    empty = [c for c, t in zip(cids, texts, strict=True) if not normalize(t or "")]
+    if empty:
+        bad.append(f"captions empty after normalisation: {empty[:10]}")
+    if bad:
+        raise BadInputError("score_matrix refused its inputs, nothing was scored:\n  " + "\n  ".join(bad))
+    tokens = []
+    for t in texts:
+        ids = tok.encode(t)
+        if len(ids) > max_tokens:
+            ids = ids[: max_tokens - 1] + [tok.eos_id]
+        tokens.append(ids)
+    return audio, cids, tokens, gts, texts
+
+
+# --------------------------------------------------------------------------------------
+# The Ray Data actor
+# --------------------------------------------------------------------------------------
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue()
+
+
+def _from_ipc(b: bytes) -> pa.Table:
+    return pa.ipc.open_stream(io.BytesIO(b)).read_all()
+
+
+class ScoreActor:
+    """One block of captions x every audio -> block result (stats, top-k, plot rows)."""
+
+    def __init__(self, cfg_dict: dict, probe_audios: list[str], corner_captions: list[str]):
+        from aacray import checkpoint as ckpt_lib
+        from aacray.config import ScoreConfig, from_dict
+
+        cfg = from_dict(ScoreConfig, cfg_dict)
+        use_gpu = cfg.actors.num_gpus > 0 and torch.cuda.is_available()
+        device = "cuda" if use_gpu else "cpu"
+        if not use_gpu:
+            torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
+        model, tok, _ = ckpt_lib.load(cfg.checkpoint, device)
+        audio = read_embeddings(cfg.audio, cfg.audio_subsets)
+        self.audio_ids = audio.audio_ids
+        self.scorer = PairScorer(model, tok.pad_id, audio.frames, device, cfg.precision, cfg.pairs_per_batch)
+        self.k = cfg.k
+        self.scores_uri = storage.join(cfg.output, "scores") if cfg.write_scores else None
+        pos = {a: i for i, a in enumerate(self.audio_ids)}
+        self.probe_idx = [pos[a] for a in probe_audios]
+        self.corner_captions = set(corner_captions)
+
+    def __call__(self, batch: dict) -> dict:
+        t0 = time.time()
+        cids = [str(c) for c in batch["caption_id"]]
+        tokens = [list(map(int, t)) for t in batch["tokens"]]
+        L = self.scorer.loss_matrix(tokens)  # (N, m)
+        res = score_block(L, self.audio_ids, cids, self.k)
+        if self.scores_uri:
+            key = hashlib.sha1("\x00".join(cids).encode()).hexdigest()[:20]
+            n, m = L.shape
+            t = pa.table(
+                {
+                    "audio_id": pa.array(np.repeat(np.array(self.audio_ids, dtype=object), m), pa.string()),
+                    "caption_id": pa.array(np.tile(np.array(cids, dtype=object), n), pa.string()),
+                    "loss": pa.array(L.reshape(-1), pa.float32()),
+                }
+            )
+            buf = io.BytesIO()
+            pq.write_table(t, buf)
+            # a stable name per block: a retried block overwrites its own file
+            storage.write_bytes(storage.join(self.scores_uri, f"block-{key}.parquet"), buf.getvalue())
+        corner_cols = [j for j, c in enumerate(cids) if c in self.corner_captions]
+        probe = pa.table(
+            {
+                "caption_id": pa.array(cids, pa.string()),
+                **{f"probe{i}": pa.array(L[ai], pa.float32()) for i, ai in enumerate(self.probe_idx)},
+            }
+        )
+        return {
+            "stats": np.array([_ipc(pa.table(res.stats.columns()))], dtype=object),
+            "t2a": np.array([_ipc(pa.table(res.t2a.columns()))], dtype=object),
+            "a2t_raw": np.array([_ipc(pa.table(res.a2t_raw.columns()))], dtype=object),
+            "a2t_minmax": np.array([_ipc(pa.table(res.a2t_minmax.columns()))], dtype=object),
+            "probe": np.array([_ipc(probe)], dtype=object),
+            "corner": np.array(
+                [_ipc(pa.table({"caption_id": [cids[j] for j in corner_cols], **{a: L[i, corner_cols] for i, a in enumerate(self.audio_ids[:CORNER])}}))],
+                dtype=object,
+            ),
+            "n_pairs": np.array([L.size], dtype=np.int64),
+            "seconds": np.array([time.time() - t0]),
+        }
+
+
+class _A2TMerger:
+    """Running per-audio top-k: parts are merged when they pile up (amortised)."""
+
+    def __init__(self, kind: str, k: int, n_audios: int):
+        self.kind, self.k, self.parts, self.rows, self.limit = kind, k, [], 0, max(4 * n_audios * k, 1 << 16)
+
+    def add(self, t: TopK) -> None:
+        self.parts.append(t)
+        self.rows += len(t)
+        if self.rows > self.limit:
+            self.parts = [topk_merge(self.parts, self.k, self.kind)]
+            self.rows = len(self.parts[0])
+
+    def result(self) -> TopK:
+        return topk_merge(self.parts, self.k, self.kind)
+
+
+# --------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------
+
+
+def run_score_matrix(cfg) -> dict:
+    import ray
+    import ray.data
+
+    from aacray import checkpoint as ckpt_lib
+    from aacray.config import dump_yaml, to_dict
+    from aacray.runtime import init_ray
+
+    t_start = time.time()
+    model, tok, info = ckpt_lib.load(cfg.checkpoint)
+    audio, cids, tokens, gts, texts = load_inputs(
+        cfg.audio, cfg.audio_subsets, cfg.captions, cfg.caption_subsets, tok, model.cfg.max_len + 1
+    )
+    del model
+    n, m = len(audio.audio_ids), len(cids)
+    oov = sum(1 for t in tokens if tok.unk_id in t)
+    log.info("score_matrix: %d audios x %d captions = %d pairs (%d captions hold unknown words)", n, m, n * m, oov)
+    out = cfg.output
+    storage.begin_output(out, TABLES + ["scores"])
+    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
+
+    # ground truth, probe audios for the loss curves, the heatmap corner
+    sorted_audio = sorted(audio.audio_ids)
+    has_gt = any(g is not None for g in gts)
+    gt_of = dict(zip(cids, gts, strict=True))
+    caps_of: dict[str, list[str]] = {}
+    for c, g in zip(cids, gts, strict=True):
+        if g is not None:
+            caps_of.setdefault(g, []).append(c)
+    probe_audios = [a for a in sorted_audio if a in caps_of][:N_CURVES] or sorted_audio[:N_CURVES]
+    corner_audios = audio.audio_ids[:CORNER]
+    corner_captions = [sorted(caps_of[a])[0] for a in corner_audios if a in caps_of] or sorted(cids)[:CORNER]
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    # 1. captions as rows, sorted by length so each block pads little
+    order = sorted(range(m), key=lambda j: (len(tokens[j]), cids[j]))
+    ds = ray.data.from_items(
+        [{"caption_id": cids[j], "tokens": np.array(tokens[j], dtype=np.int32)} for j in order],
+        override_num_blocks=max(1, min(m, (m + cfg.caption_block_size - 1) // cfg.caption_block_size)),
+    )
+    # 2. blocks of captions x all audios on the actor pool
+    ds = ds.map_batches(
+        ScoreActor,
+        fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "probe_audios": probe_audios, "corner_captions": corner_captions},
+        batch_size=cfg.caption_block_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors),
+        num_gpus=cfg.actors.num_gpus,
+        num_cpus=cfg.actors.num_cpus,
+    )
+    # 3. reduce as block results stream in
+    t_score = time.time()
+    stats_parts, t2a_parts, probe_parts, corner_parts = [], [], [], []
+    raw = _A2TMerger("a2t_raw", cfg.k, n)
+    mm = _A2TMerger("a2t_minmax", cfg.k, n)
+    n_pairs, blocks = 0, 0
+    for row in ds.iter_rows():
+        stats_parts.append(_from_ipc(row["stats"]))
+        t2a_parts.append(TopK.from_columns(_from_ipc(row["t2a"]), "t2a"))
+        raw.add(TopK.from_columns(_from_ipc(row["a2t_raw"]), "a2t_raw"))
+        mm.add(TopK.from_columns(_from_ipc(row["a2t_minmax"]), "a2t_minmax"))
+        probe_parts.append(_from_ipc(row["probe"]))
+        corner_parts.append(_from_ipc(row["corner"]))
+        n_pairs += int(row["n_pairs"])
+        blocks += 1
+    score_seconds = time.time() - t_score
+    if n_pairs != n * m:
+        raise RuntimeError(f"scored {n_pairs} pairs, expected {n} x {m} = {n * m}")
+    stats = CaptionStats.from_columns(pa.concat_tables(stats_parts))
+    result = BlockResult(stats, topk_merge(t2a_parts, cfg.k, "t2a"), raw.result(), mm.result())
+
+    # 4. tables, metrics, plots; the manifest last
+    storage.write_table(out, "caption_stats", pa.table(result.stats.columns()))
+    storage.write_table(out, "topk_t2a", pa.table(result.t2a.columns()))
+    storage.write_table(out, "topk_a2t", pa.table(result.a2t_minmax.columns()))
+    storage.write_table(out, "topk_a2t_raw", pa.table(result.a2t_raw.columns()))
+    metrics: dict = {}
+    if has_gt and cfg.k >= 10:
+        metrics = retrieval_metrics(result.t2a, result.a2t_raw, result.a2t_minmax, gt_of)
+    metrics.update(
+        {
+            "n_audios": n,
+            "n_captions": m,
+            "n_pairs": n_pairs,
+            "captions_with_unknown_words": oov,
+            "pairs_per_s": round(n_pairs / max(score_seconds, 1e-9), 1),
+            "score_seconds": round(score_seconds, 2),
+            "blocks": blocks,
+            "checkpoint": info,
+        }
+    )
+    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    plots = []
+    if cfg.plots:
+        from aacray.plots import plot_heatmap, plot_loss_curves
+
+        probe = pa.concat_tables(probe_parts)
+        plots.append(plot_loss_curves(out, probe, probe_audios, caps_of, stats))
+        corner = pa.concat_tables(corner_parts)
+        plots.append(plot_heatmap(out, corner, corner_audios, corner_captions, gt_of))
+    tables = TABLES + (["scores"] if cfg.write_scores else [])
+    storage.commit_output(out, "score_matrix", {"metrics": "metrics.json", "plots": plots}, tables)
+    table = format_table(metrics) if has_gt else "(no ground truth: rankings only)"
+    print(table, flush=True)
+    return {
+        "output": out,
+        "n_audios": n,
+        "n_captions": m,
+        "n_pairs": n_pairs,
+        "pairs_per_s": metrics["pairs_per_s"],
+        "wall_seconds": round(time.time() - t_start, 1),
+        **{k: metrics[k] for k in ("t2a", "a2t_raw", "a2t_minmax") if k in metrics},
+    }
+
+
+def format_table(metrics: dict) -> str:
+    """A table like the paper's Table 2 (R@1/5/10 for T2A and A2T, raw and min-max)."""
+
+    def f(v):
+        return "  -  " if v is None else f"{v:.3f}"
+
+    t, r, mm = metrics["t2a"], metrics["a2t_raw"], metrics["a2t_minmax"]
+    lines = [
+        f"Retrieval on {metrics['n_audios']} audios x {metrics['n_captions']} captions ({metrics['n_pairs']} pairs)",
+        "                 Text-to-audio              Audio-to-text",
+        "                 R@1    R@5    R@10  mAP@10 R@1    R@5    R@10",
+        f"raw loss         {f(t['R@1'])}  {f(t['R@5'])}  {f(t['R@10'])} {f(t['mAP@10'])}  {f(r['R@1'])}  {f(r['R@5'])}  {f(r['R@10'])}",
+        f"min-max (A2T)*   {'':5}  {'':5}  {'':5} {'':5}  {f(mm['R@1'])}  {f(mm['R@5'])}  {f(mm['R@10'])}",
+        "* captions' losses min-max scaled over the audio index (paper 4.2)",
+    ]
+    return "\n".join(lines)

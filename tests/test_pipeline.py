@@ -1,0 +1,193 @@
+"""End to end on a tiny corpus through a real local Ray: extract -> train -> score_matrix.
+
+The tiny corpus has 40 evaluation clips (200 captions) so the score matrix is 40 x 200.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from aacray import checkpoint as ckpt_lib
+from aacray import storage
+from aacray.config import ExtractConfig, ScoreConfig, TrainConfig, from_dict
+from aacray.corpora import write_demo_corpus
+from aacray.embeddings import read_captions, read_embeddings
+from aacray.retrieval import rank_a2t_minmax, rank_a2t_raw, rank_t2a
+from aacray.scoring import BadInputError, reference_loss_matrix
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe_corpus")
+    write_demo_corpus(str(root), seed=3, n_dev=24, n_val=6, n_eval=40, min_seconds=1.5, max_seconds=3.0)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def extracted(corpus, tmp_path_factory, ray_local):
+    from aacray.extract import run_extract
+
+    out = str(tmp_path_factory.mktemp("pipe") / "extract")
+    cfg = from_dict(
+        ExtractConfig,
+        {"input": {"kind": "clotho", "root": corpus, "subsets": ["dev", "val", "eval"]}, "output": out,
+         "encoder": {"name": "logmel_pool"}, "actors": {"num_actors": 2, "batch_size": 8}},
+    )
+    summary = run_extract(cfg)
+    assert summary["written"] == 70 and summary["quarantined"] == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(extracted, tmp_path_factory, ray_local):
+    from aacray.train import run_train
+
+    out = str(tmp_path_factory.mktemp("pipe") / "train")
+    cfg = from_dict(
+        TrainConfig,
+        {"embeddings": extracted, "output": out, "epochs": 2, "batch_size": 8, "num_workers": 1,
+         "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64}},
+    )
+    summary = run_train(cfg)
+    assert summary["epochs"] == 2
+    return out
+
+
+def test_extract_contract(extracted):
+    m = storage.read_manifest(extracted)
+    assert m["tables"]["embeddings"]["rows"] == 70
+    t = storage.read_table(extracted, "embeddings")
+    assert t.schema.names == ["audio_id", "subset", "n_frames", "embedding", "source", "sample_rate"]
+    es = read_embeddings(extracted)
+    for aid, n, f in zip(t.column("audio_id").to_pylist(), t.column("n_frames").to_pylist(), es.frames, strict=True):
+        assert f.shape == (n, 768), aid
+    assert set(t.column("sample_rate").to_pylist()) == {44100}
+    caps = read_captions(extracted)
+    assert caps.num_rows == 70 * 5
+    assert set(caps.column("audio_id").to_pylist()) == set(es.audio_ids)
+    # plain pyarrow reads every shard (no Ray needed to consume the contract)
+    files = storage.table_files(extracted, "embeddings")
+    assert sum(pq.read_metadata(f).num_rows for f in files) == 70
+
+
+def _score(trained, extracted, out, **kw) -> dict:
+    from aacray.scoring import run_score_matrix
+
+    base = {"checkpoint": trained, "audio": extracted, "audio_subsets": ["evaluation"], "captions": extracted,
+            "caption_subsets": ["evaluation"], "output": out, "write_scores": True, "plots": True}
+    base.update(kw)
+    return run_score_matrix(from_dict(ScoreConfig, base))
+
+
+@pytest.fixture(scope="module")
+def scored(trained, extracted, tmp_path_factory, ray_local):
+    out = str(tmp_path_factory.mktemp("pipe") / "score_a")
+    _score(trained, extracted, out, caption_block_size=64, actors={"num_actors": 2, "batch_size": 1})
+    return out
+
+
+def test_distributed_losses_equal_reference_loop(scored, trained, extracted):
+    """The job's losses equal a plain loop over pair_loss within 1e-5 (40 x 200 matrix)."""
+    model, tok, _ = ckpt_lib.load(trained)
+    es = read_embeddings(extracted, ["evaluation"])
+    caps = read_captions(extracted, ["evaluation"])
+    cids = caps.column("caption_id").to_pylist()
+    ref = reference_loss_matrix(model, tok.pad_id, es.frames, [tok.encode(t) for t in caps.column("text").to_pylist()])
+    assert ref.shape == (40, 200)
+    scores = storage.read_table(scored, "scores").to_pandas()
+    assert len(scores) == 40 * 200 and not scores.duplicated(["audio_id", "caption_id"]).any()
+    got = scores.pivot(index="audio_id", columns="caption_id", values="loss").loc[es.audio_ids, cids].to_numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+    # the rankings written are the dense reference rankings of the job's losses (near-ties
+    # within 1e-7 may order differently under the loop's rounding, so rank the job's values)
+    got = got.astype(np.float64)
+    t2a = storage.read_table(scored, "topk_t2a").to_pandas()
+    exp = rank_t2a(got, es.audio_ids, cids, 10).lists()
+    got_t2a = {c: g.sort_values("rank")["audio_id"].tolist() for c, g in t2a.groupby("caption_id")}
+    assert got_t2a == exp
+    mm = storage.read_table(scored, "topk_a2t").to_pandas()
+    exp_mm = rank_a2t_minmax(got, es.audio_ids, cids, 10).lists()
+    assert {a: g.sort_values("rank")["caption_id"].tolist() for a, g in mm.groupby("audio_id")} == exp_mm
+    raw = storage.read_table(scored, "topk_a2t_raw").to_pandas()
+    exp_raw = rank_a2t_raw(got, es.audio_ids, cids, 10).lists()
+    assert {a: g.sort_values("rank")["caption_id"].tolist() for a, g in raw.groupby("audio_id")} == exp_raw
+    stats = storage.read_table(scored, "caption_stats").to_pandas().set_index("caption_id").loc[cids]
+    np.testing.assert_allclose(stats["loss_min"], ref.min(0), atol=1e-5)
+    np.testing.assert_allclose(stats["loss_max"], ref.max(0), atol=1e-5)
+    assert (stats["n_audios"] == 40).all()
+
+
+def test_block_size_and_actor_count_do_not_change_outputs(scored, trained, extracted, tmp_path):
+    other = str(tmp_path / "score_b")
+    _score(trained, extracted, other, caption_block_size=37, actors={"num_actors": 1})
+    for name in ("caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw"):
+        a = storage.read_table(scored, name).to_pandas()
+        b = storage.read_table(other, name).to_pandas()
+        key = [c for c in a.columns if c.endswith("_id")] + (["rank"] if "rank" in a.columns else [])
+        a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+        for col in a.columns:
+            assert a[col].tolist() == b[col].tolist(), f"{name}.{col}"  # identical, floats too
+    ma = json.loads(open(os.path.join(scored, "metrics.json")).read())
+    mb = json.loads(open(os.path.join(other, "metrics.json")).read())
+    for k in ("t2a", "a2t_raw", "a2t_minmax"):
+        assert ma[k] == mb[k]
+
+
+def test_metrics_and_plots_written(scored):
+    m = json.loads(open(os.path.join(scored, "metrics.json")).read())
+    assert m["n_pairs"] == 8000 and m["n_audios"] == 40 and m["n_captions"] == 200
+    for k in ("t2a", "a2t_raw", "a2t_minmax"):
+        assert {"R@1", "R@5", "R@10"} <= set(m[k]) and 0 <= m[k]["R@1"] <= m[k]["R@5"] <= m[k]["R@10"] <= 1
+    assert 0 <= m["t2a"]["mAP@10"] <= 1
+    for png in ("loss_curves.png", "loss_heatmap.png"):
+        with open(os.path.join(scored, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    manifest = storage.read_manifest(scored)
+    assert set(manifest["tables"]) == {"caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw", "scores"}
+
+
+def test_external_caption_database(trained, extracted, tmp_path, ray_local):
+    """A caption file with no audio_id: rankings, no metrics."""
+    db = tmp_path / "db.csv"
+    db.write_text("caption_id,text\nx1,a dog barks\nx2,rain falls then a bell rings\nx3,birds chirp while an engine hums\n")
+    out = str(tmp_path / "ext")
+    s = _score(trained, extracted, out, captions=str(db), caption_subsets=None, write_scores=False, plots=False, k=3)
+    assert s["n_captions"] == 3 and "t2a" not in s
+    t2a = storage.read_table(out, "topk_t2a").to_pandas()
+    assert sorted(t2a["caption_id"].unique()) == ["x1", "x2", "x3"] and (t2a.groupby("caption_id").size() == 3).all()
+
+
+@pytest.mark.parametrize(
+    "csv, match",
+    [
+        ("caption_id,text\nx1,a dog\nx1,a cat\n", "duplicate caption ids"),
+        ("caption_id,text,audio_id\nx1,a dog,not_an_audio.wav\n", "ground-truth audio is not in the index"),
+        ("caption_id,text\n", "caption set .* is empty"),
+        ("caption_id,text\nx1,'?!'\n", "empty after normalisation"),
+    ],
+)
+def test_bad_inputs_refused_before_scoring(trained, extracted, tmp_path, csv, match):
+    db = tmp_path / "db.csv"
+    db.write_text(csv)
+    out = str(tmp_path / "bad")
+    with pytest.raises(BadInputError, match=match):
+        _score(trained, extracted, out, captions=str(db), caption_subsets=None)
+    assert not os.path.exists(os.path.join(out, "_MANIFEST.json"))
+
+
+def test_tokenizer_mismatch_refused(trained, tmp_path):
+    import shutil
+
+    from aacray.text import WordTokenizer
+
+    bad = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(trained, "checkpoint"), bad)
+    WordTokenizer.build(["completely different words here"]).save(bad / "tokenizer.json")
+    with pytest.raises(ckpt_lib.CheckpointError, match="does not belong to this checkpoint"):
+        ckpt_lib.load(str(bad))
