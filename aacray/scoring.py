@@ -32,7 +32,7 @@ import torch
 
 from aacray import storage
 from aacray.decoder import CaptionDecoder, pair_loss, pair_loss_memory
-from aacray.embeddings import EmbeddingSet, check_embeddings, read_captions, read_embeddings
+from aacray.embeddings import check_embeddings, read_captions, read_embeddings
 from aacray.retrieval import (
     BlockResult,
     CaptionStats,

@@ -69,8 +69,9 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One embedded local Ray with 2 CPUs for the whole session."""
+def ray_local(s3_server):
+    """One embedded local Ray with 2 CPUs for the whole session (after the S3 server, so
+    workers inherit its endpoint and keys)."""
     import ray
 
     from aacray.runtime import init_ray
