@@ -339,6 +339,8 @@ class ScoreConfig:
     plots: bool = True
     actors: ActorConfig = field(default_factory=ActorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    fail_on_block: int | None = None
+    """Fault injection for tests: the actor raises when it reaches this block."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.caption_block_size < 1 or self.pairs_per_batch < 1:
@@ -442,3 +444,54 @@ class PerturbConfig:
             raise ConfigError("sets must name at least one perturbation set")
         if self.pairs_per_batch < 1:
             raise ConfigError(f"pairs_per_batch must be >= 1, got {self.pairs_per_batch}")
+
+
+@dataclass
+class ReindexConfig:
+    """`jobs/reindex.py`: add captions and/or audios to a score_matrix output, scoring only
+    the new pairs; every run that changes something commits a new version (docs/reindex.md).
+
+    The model, top-k depth and numerics (checkpoint, k, pairs_per_batch, precision) are the
+    index's own, read from it, so that new pairs are scored exactly like the old ones.
+    """
+
+    output: str = "runs/demo/score_matrix"
+    """The score_matrix output to update (updated in place: new versions under versions/)."""
+    new_captions: str | None = None
+    """Captions to add: an extract_embeddings output, or a CSV/Parquet caption file with a
+    `text` column (optional caption_id, audio_id, subset); rows without caption_id get an id
+    from a digest of their text. Ids already in the index are skipped (same text) or refused."""
+    new_caption_subsets: list[str] | None = None
+    new_audio: str | None = None
+    """Audios to add: an extract_embeddings output. Ids already in the index are skipped.
+    Needs the previous version's `scores` table (score_matrix with write_scores: true)."""
+    new_audio_subsets: list[str] | None = None
+    caption_block_size: int = 256
+    """Captions per block sent to an actor."""
+    minmax_sample: int | None = None
+    """Estimate the min/max of the captions this run adds over a fixed reference sample of
+    this many index audios instead of all of them (paper 5). The sample is drawn once (seed
+    `minmax_seed`), stored in the manifest and reused by every later run; those captions'
+    stats then never move when audios are added. None: exact min/max over every audio."""
+    minmax_seed: int = 0
+    keep_versions: int = 3
+    """Committed versions kept under versions/ (the current one included, >= 1); older ones
+    are deleted after a commit. Version 0 (the root output) is never deleted."""
+    stale_lock_s: float | None = None
+    """A lock older than this many seconds is taken as abandoned and broken; None: never
+    by age (a lock whose pid is dead on this same host is always broken)."""
+    inline_max_pairs: int = 0
+    """Score in the driver process, without starting actors, when at most this many pairs
+    are new (same scorer and numerics; saves the actor start-up on small updates)."""
+    actors: ActorConfig = field(default_factory=ActorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.caption_block_size < 1:
+            raise ConfigError(f"caption_block_size must be >= 1, got {self.caption_block_size}")
+        if self.minmax_sample is not None and self.minmax_sample < 1:
+            raise ConfigError(f"minmax_sample must be >= 1 or null, got {self.minmax_sample}")
+        if self.keep_versions < 1:
+            raise ConfigError(f"keep_versions must be >= 1, got {self.keep_versions}")
+        if self.inline_max_pairs < 0:
+            raise ConfigError(f"inline_max_pairs must be >= 0, got {self.inline_max_pairs}")

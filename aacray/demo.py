@@ -6,7 +6,7 @@ import json
 import time
 
 from aacray.config import load_config
-from aacray.runtime import init_ray, setup_logging
+from aacray.runtime import setup_logging
 
 
 def _stages():
@@ -37,8 +37,9 @@ def _stages():
 
 def run_demo(argv: list[str]) -> int:
     setup_logging()
+    import ray
+
     only = set(argv)
-    init_ray(None, num_cpus=4)
     times = {}
     t_all = time.time()
     for name, cls, fn, path in _stages():
@@ -46,7 +47,12 @@ def run_demo(argv: list[str]) -> int:
             continue
         print(f"\n===== {name}: python jobs/{name}.py {path} =====", flush=True)
         t0 = time.time()
-        result = fn(load_config(cls, [path]))
+        try:
+            result = fn(load_config(cls, [path]))
+        finally:
+            # each stage starts the Ray its config asks for; a finished stage's actor pools
+            # must not keep CPUs that the next stage (Ray Train's workers) waits on
+            ray.shutdown()
         times[name] = round(time.time() - t0, 1)
         print(json.dumps(result, indent=2, default=str), flush=True)
     print("\n===== demo wall time per stage (s) =====")

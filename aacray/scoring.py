@@ -46,6 +46,7 @@ from aacray.text import WordTokenizer, normalize
 log = logging.getLogger("aacray.scoring")
 
 TABLES = ["caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw"]
+BLOCKS = "_blocks"  # per-block results of an unfinished run (resume reads them)
 CORNER = 32  # heatmap side
 N_CURVES = 3  # queries in the loss-curve figure
 
@@ -236,11 +237,28 @@ class ScoreActor:
         pos = {a: i for i, a in enumerate(self.audio_ids)}
         self.probe_idx = [pos[a] for a in probe_audios]
         self.corner_captions = set(corner_captions)
+        self.blocks_uri = storage.join(cfg.output, BLOCKS)
+        self.fail_on_block = cfg.fail_on_block
 
     def __call__(self, batch: dict) -> dict:
+        """A batch of block rows (block, caption_id list, tokens list) -> one result file per
+        block under `_blocks/` (skipped when it is already there: a resumed run)."""
+        done = []
+        for i in range(len(batch["block"])):
+            block = int(batch["block"][i])
+            path = block_path(self.blocks_uri, block)
+            if not storage.exists(path):
+                if block == self.fail_on_block:
+                    raise RuntimeError(f"injected fault at block {block} (fail_on_block)")
+                cids = [str(c) for c in batch["caption_id"][i]]
+                tokens = [list(map(int, t)) for t in batch["tokens"][i]]
+                storage.write_bytes(path, self.score(cids, tokens))
+            done.append(block)
+        return {"block": np.array(done, dtype=np.int64)}
+
+    def score(self, cids: list[str], tokens: list[list[int]]) -> bytes:
+        """One block: losses (N, m) -> stats, top-k lists, plot rows (a one-row Parquet)."""
         t0 = time.time()
-        cids = [str(c) for c in batch["caption_id"]]
-        tokens = [list(map(int, t)) for t in batch["tokens"]]
         L = self.scorer.loss_matrix(tokens)  # (N, m)
         res = score_block(L, self.audio_ids, cids, self.k)
         if self.scores_uri:
@@ -264,19 +282,28 @@ class ScoreActor:
                 **{f"probe{i}": pa.array(L[ai], pa.float32()) for i, ai in enumerate(self.probe_idx)},
             }
         )
-        return {
-            "stats": np.array([_ipc(pa.table(res.stats.columns()))], dtype=object),
-            "t2a": np.array([_ipc(pa.table(res.t2a.columns()))], dtype=object),
-            "a2t_raw": np.array([_ipc(pa.table(res.a2t_raw.columns()))], dtype=object),
-            "a2t_minmax": np.array([_ipc(pa.table(res.a2t_minmax.columns()))], dtype=object),
-            "probe": np.array([_ipc(probe)], dtype=object),
-            "corner": np.array(
-                [_ipc(pa.table({"caption_id": [cids[j] for j in corner_cols], **{a: L[i, corner_cols] for i, a in enumerate(self.audio_ids[:CORNER])}}))],
-                dtype=object,
-            ),
-            "n_pairs": np.array([L.size], dtype=np.int64),
-            "seconds": np.array([time.time() - t0]),
-        }
+        corner = pa.table(
+            {"caption_id": [cids[j] for j in corner_cols], **{a: L[i, corner_cols] for i, a in enumerate(self.audio_ids[:CORNER])}}
+        )
+        row = pa.table(
+            {
+                "stats": [_ipc(pa.table(res.stats.columns()))],
+                "t2a": [_ipc(pa.table(res.t2a.columns()))],
+                "a2t_raw": [_ipc(pa.table(res.a2t_raw.columns()))],
+                "a2t_minmax": [_ipc(pa.table(res.a2t_minmax.columns()))],
+                "probe": [_ipc(probe)],
+                "corner": [_ipc(corner)],
+                "n_pairs": [L.size],
+                "seconds": [time.time() - t0],
+            }
+        )
+        buf = io.BytesIO()
+        pq.write_table(row, buf)
+        return buf.getvalue()
+
+
+def block_path(blocks_uri: str, block: int) -> str:
+    return storage.join(blocks_uri, f"block-{block:07d}.parquet")
 
 
 class _A2TMerger:
@@ -319,9 +346,6 @@ def run_score_matrix(cfg) -> dict:
     oov = sum(1 for t in tokens if tok.unk_id in t)
     log.info("score_matrix: %d audios x %d captions = %d pairs (%d captions hold unknown words)", n, m, n * m, oov)
     out = cfg.output
-    storage.begin_output(out, TABLES + ["scores"])
-    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
-
     # ground truth, probe audios for the loss curves, the heatmap corner
     sorted_audio = sorted(audio.audio_ids)
     has_gt = any(g is not None for g in gts)
@@ -334,30 +358,65 @@ def run_score_matrix(cfg) -> dict:
     corner_audios = audio.audio_ids[:CORNER]
     corner_captions = [sorted(caps_of[a])[0] for a in corner_audios if a in caps_of] or sorted(cids)[:CORNER]
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    # 1. captions as rows, sorted by length so each block pads little
+    # blocks: captions sorted by length (little padding), cut every caption_block_size
     order = sorted(range(m), key=lambda j: (len(tokens[j]), cids[j]))
-    ds = ray.data.from_items(
-        [{"caption_id": cids[j], "tokens": np.array(tokens[j], dtype=np.int32)} for j in order],
-        override_num_blocks=max(1, min(m, (m + cfg.caption_block_size - 1) // cfg.caption_block_size)),
-    )
-    # 2. blocks of captions x all audios on the actor pool
-    ds = ds.map_batches(
-        ScoreActor,
-        fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "probe_audios": probe_audios, "corner_captions": corner_captions},
-        batch_size=cfg.caption_block_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors),
-        num_gpus=cfg.actors.num_gpus,
-        num_cpus=cfg.actors.num_cpus,
-    )
-    # 3. reduce as block results stream in
+    bs = cfg.caption_block_size
+    blocks = [order[i : i + bs] for i in range(0, m, bs)]
+    # a run is resumable when everything that shapes a block's result is unchanged
+    fingerprint = hashlib.sha256(
+        repr(
+            (info, audio.audio_ids, [f.shape for f in audio.frames], cids, tokens, cfg.k, cfg.precision,
+             cfg.pairs_per_batch, bs, cfg.write_scores, probe_audios, corner_captions)
+        ).encode()
+    ).hexdigest()
+    blocks_uri = storage.join(out, BLOCKS)
+    run_file = storage.join(blocks_uri, "_run.json")
+    resuming = storage.exists(run_file) and storage.read_json(run_file).get("fingerprint") == fingerprint
+    if not resuming:
+        storage.remove(blocks_uri)
+    storage.begin_output(out, TABLES + ([] if resuming else ["scores"]))
+    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
+    storage.write_json(run_file, {"fingerprint": fingerprint, "blocks": len(blocks)})
+    done = {i for i in range(len(blocks)) if storage.exists(block_path(blocks_uri, i))} if resuming else set()
+    if done:
+        log.info("score_matrix: resuming: %d of %d blocks already scored, skipped", len(done), len(blocks))
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     t_score = time.time()
+    pending = [i for i in range(len(blocks)) if i not in done]
+    if pending:
+        # 1. one row per block of captions
+        ds = ray.data.from_items(
+            [
+                {"block": i, "caption_id": [cids[j] for j in blocks[i]], "tokens": [np.array(tokens[j], np.int32) for j in blocks[i]]}
+                for i in pending
+            ],
+            override_num_blocks=len(pending),
+        )
+        # 2. each block x every audio on the actor pool; results land in _blocks/
+        ds = ds.map_batches(
+            ScoreActor,
+            fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "probe_audios": probe_audios, "corner_captions": corner_captions},
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors),
+            num_gpus=cfg.actors.num_gpus,
+            num_cpus=cfg.actors.num_cpus,
+        )
+        finished = {int(r["block"]) for r in ds.iter_rows()}
+        if finished != set(pending):
+            raise RuntimeError(f"blocks missing after scoring: {sorted(set(pending) - finished)[:10]}")
+    score_seconds = time.time() - t_score
+    scored = n * sum(len(blocks[i]) for i in pending)
+    # 3. reduce the block results
     stats_parts, t2a_parts, probe_parts, corner_parts = [], [], [], []
     raw = _A2TMerger("a2t_raw", cfg.k, n)
     mm = _A2TMerger("a2t_minmax", cfg.k, n)
-    n_pairs, blocks = 0, 0
-    for row in ds.iter_rows():
+    n_pairs = 0
+    for i in range(len(blocks)):
+        fs, path = storage.get_fs(block_path(blocks_uri, i))
+        with fs.open(path, "rb") as f:
+            row = pq.read_table(f).to_pylist()[0]
         stats_parts.append(_from_ipc(row["stats"]))
         t2a_parts.append(TopK.from_columns(_from_ipc(row["t2a"]), "t2a"))
         raw.add(TopK.from_columns(_from_ipc(row["a2t_raw"]), "a2t_raw"))
@@ -365,7 +424,6 @@ def run_score_matrix(cfg) -> dict:
         probe_parts.append(_from_ipc(row["probe"]))
         corner_parts.append(_from_ipc(row["corner"]))
         n_pairs += int(row["n_pairs"])
-        blocks += 1
     score_seconds = time.time() - t_score
     if n_pairs != n * m:
         raise RuntimeError(f"scored {n_pairs} pairs, expected {n} x {m} = {n * m}")
@@ -386,9 +444,11 @@ def run_score_matrix(cfg) -> dict:
             "n_captions": m,
             "n_pairs": n_pairs,
             "captions_with_unknown_words": oov,
-            "pairs_per_s": round(n_pairs / max(score_seconds, 1e-9), 1),
+            "pairs_scored_this_run": scored,
+            "pairs_per_s": round(scored / max(score_seconds, 1e-9), 1),
             "score_seconds": round(score_seconds, 2),
-            "blocks": blocks,
+            "blocks": len(blocks),
+            "blocks_skipped_on_resume": len(done),
             "checkpoint": info,
         }
     )
@@ -402,7 +462,8 @@ def run_score_matrix(cfg) -> dict:
         corner = pa.concat_tables(corner_parts)
         plots.append(plot_heatmap(out, corner, corner_audios, corner_captions, gt_of))
     tables = TABLES + (["scores"] if cfg.write_scores else [])
-    storage.commit_output(out, "score_matrix", {"metrics": "metrics.json", "plots": plots}, tables)
+    storage.commit_output(out, "score_matrix", {"metrics": "metrics.json", "plots": plots, "blocks_skipped_on_resume": len(done)}, tables)
+    storage.remove(blocks_uri)
     table = format_table(metrics) if has_gt else "(no ground truth: rankings only)"
     print(table, flush=True)
     return {

@@ -155,6 +155,30 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: cosine_factor(k, cfg.epochs))
 
 
+def draw_captions(audio_ids: list[str], tokens: dict[str, list[list[int]]], rng: np.random.Generator) -> list[list[int]]:
+    """One of each clip's captions, drawn uniformly (paper 3.1: one of five per clip per epoch)."""
+    return [tokens[a][rng.integers(len(tokens[a]))] for a in audio_ids]
+
+
+def check_finite(loss: torch.Tensor, epoch: int, rank: int) -> None:
+    """Stop on a non-finite loss: nothing trains on NaN."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.item()}) at epoch {epoch} on rank {rank}; "
+            "stopping: check the embeddings for NaN/inf and lower lr"
+        )
+
+
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> float:
+    """Backward, clip the gradients' global L2 norm to `grad_clip`, step. Returns the norm
+    before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return float(norm)
+
+
 class _TrainStep(torch.nn.Module):
     """Runs the whole augmented training loss inside forward, so DDP syncs gradients."""
 
@@ -258,21 +282,14 @@ def train_loop_per_worker(config: dict) -> None:
         for b in range(0, len(order), per_worker):
             chosen = [rows[i] for i in order[b : b + per_worker]]
             ids = [a for a, _ in chosen]
-            caps = [train_tokens[a][rng.integers(len(train_tokens[a]))] for a in ids]
+            caps = draw_captions(ids, train_tokens, rng)
             x, mask = pad_frames([f for _, f in chosen])
             tokens = pad_tokens(caps, tok.pad_id)
             loss = step(x.to(device), mask.to(device), tokens.to(device), gen)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite training loss ({loss.item()}) at epoch {epoch + 1} on rank {rank}; "
-                    "stopping: check the embeddings for NaN/inf and lower lr"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            check_finite(loss, epoch + 1, rank)
+            optimizer_step(model, opt, loss, cfg.grad_clip)
             n_seen += len(ids)
-            loss_sum += float(loss)
+            loss_sum += loss.item()
             n_steps += 1
         train_seconds = time.time() - t0
         sched.step()

@@ -3,9 +3,9 @@
     python jobs/demo.py
 
 Stages (each is also its own job, run with the same config): make_demo_corpus ->
-extract_embeddings -> train_decoder -> score_matrix -> caption -> perturb. One embedded
-local Ray serves every stage (4 logical CPUs on 2 cores: Ray Train's two workers hold one
-each, Ray Data's read tasks need the rest).
+extract_embeddings -> train_decoder -> score_matrix -> caption -> perturb, each on an
+embedded local Ray started as its config says. Name stages to run only those:
+    python jobs/demo.py train_decoder score_matrix
 """
 
 import sys

@@ -139,6 +139,31 @@ def test_block_size_and_actor_count_do_not_change_outputs(scored, trained, extra
         assert ma[k] == mb[k]
 
 
+def test_resume_skips_finished_blocks(scored, trained, extracted, tmp_path):
+    """A run that dies at block 2 leaves blocks 0-1 done; the rerun skips them and the
+    outputs equal a clean run."""
+    out = str(tmp_path / "resumed")
+    kw = {"caption_block_size": 64, "actors": {"num_actors": 1}}
+    with pytest.raises(Exception, match="injected fault at block 2"):
+        _score(trained, extracted, out, fail_on_block=2, **kw)
+    assert not os.path.exists(os.path.join(out, "_MANIFEST.json"))
+    with pytest.raises(storage.IncompleteOutputError):
+        storage.read_table(out, "topk_t2a")
+    _score(trained, extracted, out, **kw)
+    m = json.loads(open(os.path.join(out, "metrics.json")).read())
+    # blocks of 64, 64, 64, 8 captions; 0 and 1 finished before the fault, 3 may have too
+    skipped = m["blocks_skipped_on_resume"]
+    assert m["blocks"] == 4 and skipped in (2, 3)
+    assert m["pairs_scored_this_run"] == 40 * (64 if skipped == 3 else 72)
+    assert not os.path.exists(os.path.join(out, "_blocks"))
+    for name in ("caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw", "scores"):
+        a = storage.read_table(scored, name).to_pandas()
+        b = storage.read_table(out, name).to_pandas()
+        key = [c for c in a.columns if c.endswith("_id")] + (["rank"] if "rank" in a.columns else [])
+        a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+        assert a.equals(b), name
+
+
 def test_metrics_and_plots_written(scored):
     m = json.loads(open(os.path.join(scored, "metrics.json")).read())
     assert m["n_pairs"] == 8000 and m["n_audios"] == 40 and m["n_captions"] == 200
