@@ -71,7 +71,7 @@ def test_cosine_decay_per_epoch():
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg)
     seen = []
-    for k in range(8):
+    for _ in range(8):
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()  # once per epoch
