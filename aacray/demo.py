@@ -1,4 +1,4 @@
-"""The demo chain: every job with its configs/*_demo.yaml, in order, on one local Ray."""
+"""The demo chain: every job with its configs/*_demo.yaml, in order, each on its own local Ray."""
 
 from __future__ import annotations
 
