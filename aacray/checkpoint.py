@@ -2,7 +2,8 @@
 
 Layout (a local folder or an s3:// prefix):
   model.pt        torch.save of plain tensors and numbers only (loads with weights_only=True):
-                  {"model", "decoder_config", "vocab_size", "epoch", and for resuming
+                  {"model", "decoder_config", "vocab_size", "tokenizer_sha256" (the digest of
+                  tokenizer.json's content, checked on load), "epoch", and for resuming
                   "optimizer", "scheduler"}
   tokenizer.json  the word-level `tokenizers` file the model was trained with
   config.yaml     the resolved training config
@@ -35,6 +36,7 @@ def save(folder: str, model: CaptionDecoder, tokenizer: WordTokenizer, config_ya
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "decoder_config": dataclasses.asdict(model.cfg),
         "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": _tokenizer_digest(tokenizer),
         "epoch": epoch,
         **(extra or {}),
     }
@@ -43,6 +45,10 @@ def save(folder: str, model: CaptionDecoder, tokenizer: WordTokenizer, config_ya
     storage.write_bytes(storage.join(folder, "model.pt"), buf.getvalue())
     storage.write_text(storage.join(folder, "tokenizer.json"), tokenizer.to_str())
     storage.write_text(storage.join(folder, "config.yaml"), config_yaml)
+
+
+def _tokenizer_digest(tok: WordTokenizer) -> str:
+    return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
 
 
 def resolve(uri: str) -> str:
@@ -83,6 +89,14 @@ def load(uri: str, device: str | torch.device = "cpu") -> tuple[CaptionDecoder, 
         raise CheckpointError(
             f"{folder}: tokenizer.json has {tok.vocab_size} words but the weights were trained "
             f"with {state['vocab_size']}: the tokenizer does not belong to this checkpoint"
+        )
+    # same size is not same vocabulary: model.pt records its tokenizer's digest (older
+    # checkpoints without it get the size check only)
+    if state.get("tokenizer_sha256", _tokenizer_digest(tok)) != _tokenizer_digest(tok):
+        raise CheckpointError(
+            f"{folder}: tokenizer.json is not the vocabulary the weights were trained with "
+            "(its digest differs from the one model.pt records): the tokenizer does not belong "
+            "to this checkpoint"
         )
     cfg = DecoderConfig(**state["decoder_config"])
     model = CaptionDecoder(cfg, tok.vocab_size, tok.pad_id)

@@ -464,7 +464,8 @@ def run_score_matrix(cfg) -> dict:
     tables = TABLES + (["scores"] if cfg.write_scores else [])
     storage.commit_output(out, "score_matrix", {"metrics": "metrics.json", "plots": plots, "blocks_skipped_on_resume": len(done)}, tables)
     storage.remove(blocks_uri)
-    table = format_table(metrics) if has_gt else "(no ground truth: rankings only)"
+    # Recall@10 needs ground truth and k >= 10; otherwise the output holds rankings only
+    table = format_table(metrics) if "t2a" in metrics else "(no ground truth or k < 10: rankings only)"
     print(table, flush=True)
     return {
         "output": out,

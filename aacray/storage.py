@@ -90,7 +90,23 @@ def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def _missing_bucket(uri: str) -> str | None:
+    """The bucket of an s3:// URI when it does not exist; None otherwise (or unknown).
+    Asked only on an error path: s3fs reports a missing bucket as a FileNotFoundError
+    that does not name it."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return None
+    bucket = uri.split("://", 1)[1].split("/", 1)[0]
+    try:
+        return None if get_fs(uri)[0].exists(bucket) else bucket
+    except Exception:
+        return None
+
+
 def _wrap(uri: str, op: str, e: Exception) -> StorageError:
+    bucket = _missing_bucket(uri) if isinstance(e, FileNotFoundError) else None
+    if bucket:
+        return StorageError(f"{op} {uri} failed: bucket {bucket!r} does not exist (create it or fix the URI)")
     return StorageError(f"{op} {uri} failed: {type(e).__name__}: {e}")
 
 
@@ -107,7 +123,9 @@ def read_bytes(uri: str) -> bytes:
     try:
         with fs.open(path, "rb") as f:
             return f.read()
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if _missing_bucket(uri):  # not "no such file": say which bucket is missing
+            raise _wrap(uri, "reading", e) from e
         raise
     except Exception as e:
         raise _wrap(uri, "reading", e) from e

@@ -1,0 +1,472 @@
+"""Relation perturbations of captions (paper section 5, Tables 4 and 5) and their job.
+
+A perturbed caption keeps the words of a real caption but changes the relation between its
+sound events; a model that understands the relation should find it a worse description of
+the caption's OWN audio: accuracy = share of perturbed captions whose loss on that audio is
+strictly higher than the original's (0.5 is chance).
+
+Sets (Table 4; relation phrases are matched on the normalised words of a caption):
+  replace_bat      before <-> after                          (the Before-After Test)
+  replace_seq2sup  {followed by, and then, then, before, after} -> {as, while}
+  replace_sup2seq  {as, while} -> {followed by, and then, then, before, after}
+  invert_bat       swap the propositions around before / after
+  invert_seq       swap the propositions around a sequence word
+  invert_sup       swap the propositions around a superposition word
+(Table 5 also reports Invert on the BAT words, hence invert_bat.)
+
+Choices worth knowing:
+- Matching is on whole words, left to right, the longest phrase first, over every relation
+  phrase at once: "and then" is one relation (never "and" + "then"), "thenceforth" holds
+  none. It is lexical, as in the paper: the "as" of "such as" and the "while" of "a while"
+  count too.
+- One perturbed caption per relation occurrence per replacement: a caption with two
+  relation words gives separate perturbations, each changing one relation.
+- "Replaced by one of" means, by default, EVERY alternative (alternatives="all"): more
+  pairs and no randomness; seq2sup gives 2 captions per occurrence, sup2seq 5.
+  alternatives="random" draws one per occurrence with an rng seeded by (seed, caption id),
+  so a draw does not depend on the other captions or their order.
+- Invert: the two propositions are the words between the relation and the neighbouring
+  relation words (of any set) or the caption's ends:
+  "a man speaks then a dog barks while it rains" -> around "then":
+  "a dog barks then a man speaks while it rains". No perturbation when a side is empty.
+- A perturbation whose words (or, after truncation to the decoder's length, tokens) equal
+  the original's is dropped and counted: it tests nothing.
+- A word outside the vocabulary becomes <unk>, and a caption holding an <unk> scores badly
+  whatever the audio, so a test can pass for the wrong reason (a replacement word missing
+  from a small vocabulary). Every pair carries the OOV word counts of both captions, and
+  each set reports its accuracy on all pairs and on the in-vocabulary ones (neither
+  caption holds an OOV word).
+- Losses come from the same scorer as score_matrix (`PairScorer.loss_pairs`) inside Ray
+  Data actors. The pure parts (matching, perturbing, accuracies) import no Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from aacray.text import words as normalized_words
+
+log = logging.getLogger("aacray.perturb")
+
+SEQ_WORDS = ("followed by", "and then", "then", "before", "after")
+"""Sequence relations (one event after the other)."""
+SUP_WORDS = ("as", "while")
+"""Superposition relations (events at the same time)."""
+BAT_WORDS = ("before", "after")
+RELATIONS = SEQ_WORDS + SUP_WORDS
+"""Every relation phrase; they also bound the propositions of Invert."""
+
+REPLACE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "replace_bat": {"before": ("after",), "after": ("before",)},
+    "replace_seq2sup": {w: SUP_WORDS for w in SEQ_WORDS},
+    "replace_sup2seq": {w: SEQ_WORDS for w in SUP_WORDS},
+}
+INVERT_SETS: dict[str, tuple[str, ...]] = {
+    "invert_bat": BAT_WORDS,
+    "invert_seq": SEQ_WORDS,
+    "invert_sup": SUP_WORDS,
+}
+SETS: tuple[str, ...] = tuple(REPLACE_SETS) + tuple(INVERT_SETS)
+"""Every set, in the order of the paper's Table 5."""
+TABLE5_LABELS = {
+    "replace_bat": ("Replace", "BAT"),
+    "replace_seq2sup": ("Replace", "seq2sup"),
+    "replace_sup2seq": ("Replace", "sup2seq"),
+    "invert_bat": ("Invert", "BAT"),
+    "invert_seq": ("Invert", "seq"),
+    "invert_sup": ("Invert", "sup"),
+}
+
+
+@dataclass(frozen=True)
+class Relation:
+    """One occurrence of a relation phrase: words[start:end] == phrase.split()."""
+
+    start: int
+    end: int
+    phrase: str
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One perturbed caption."""
+
+    set: str
+    """One of SETS."""
+    original: str
+    """The normalised original caption."""
+    perturbed: str
+    """The perturbed caption (normalised words)."""
+    relation: str
+    """The relation phrase that was replaced or inverted around."""
+    replacement: str
+    """The new phrase (replace), or the relation itself (invert)."""
+    position: int
+    """Word index of the relation in the original."""
+
+
+# --------------------------------------------------------------------------------------
+# Pure text functions
+# --------------------------------------------------------------------------------------
+
+
+def find_relations(words: Sequence[str], phrases: Iterable[str] = RELATIONS) -> list[Relation]:
+    """Non-overlapping occurrences of `phrases` in `words`, left to right, longest first."""
+    cands = sorted({tuple(p.split()) for p in phrases}, key=len, reverse=True)
+    found, i, n = [], 0, len(words)
+    while i < n:
+        for p in cands:
+            if tuple(words[i : i + len(p)]) == p:
+                found.append(Relation(i, i + len(p), " ".join(p)))
+                i += len(p)
+                break
+        else:
+            i += 1
+    return found
+
+
+def perturb_caption(
+    text: str,
+    sets: Iterable[str] = SETS,
+    alternatives: str = "all",
+    rng: random.Random | None = None,
+) -> list[Perturbation]:
+    """Every perturbation of one caption for the given sets (see the module docstring).
+
+    `text` is normalised first. alternatives="random" needs `rng`.
+    """
+    sets = list(sets)
+    unknown = [s for s in sets if s not in SETS]
+    if unknown:
+        raise ValueError(f"unknown perturbation set(s) {unknown}; known: {list(SETS)}")
+    if alternatives not in ("all", "random"):
+        raise ValueError(f"alternatives must be 'all' or 'random', got {alternatives!r}")
+    if alternatives == "random" and rng is None:
+        raise ValueError("alternatives='random' needs an rng")
+    w = normalized_words(text)
+    original = " ".join(w)
+    rels = find_relations(w)  # every relation: phrases as units, proposition bounds
+    out: list[Perturbation] = []
+
+    def add(set_name: str, new_words: list[str], rel: Relation, repl: str) -> None:
+        perturbed = " ".join(new_words)
+        if perturbed != original:
+            out.append(Perturbation(set_name, original, perturbed, rel.phrase, repl, rel.start))
+
+    for s in sets:
+        if s in REPLACE_SETS:
+            table = REPLACE_SETS[s]
+            for rel in rels:
+                alts = table.get(rel.phrase)
+                if not alts:
+                    continue
+                chosen = alts if alternatives == "all" else (rng.choice(alts),)
+                for alt in chosen:
+                    add(s, w[: rel.start] + alt.split() + w[rel.end :], rel, alt)
+        else:
+            targets = INVERT_SETS[s]
+            for k, rel in enumerate(rels):
+                if rel.phrase not in targets:
+                    continue
+                lo = rels[k - 1].end if k > 0 else 0
+                hi = rels[k + 1].start if k + 1 < len(rels) else len(w)
+                left, right = w[lo : rel.start], w[rel.end : hi]
+                if not left or not right:
+                    continue
+                add(s, w[:lo] + right + w[rel.start : rel.end] + left + w[hi:], rel, rel.phrase)
+    return out
+
+
+def caption_rng(seed: int, caption_id: str) -> random.Random:
+    """The rng of one caption's random draws: independent of the other captions."""
+    return random.Random(f"{seed}:{caption_id}")
+
+
+def build_perturbations(
+    caption_ids: Sequence[str],
+    texts: Sequence[str],
+    audio_ids: Sequence[str],
+    sets: Iterable[str] = SETS,
+    alternatives: str = "all",
+    seed: int = 0,
+) -> list[tuple[str, str, Perturbation]]:
+    """(caption_id, audio_id, perturbation) for every caption, in caption order."""
+    sets = list(sets)
+    rows = []
+    for cid, text, aid in zip(caption_ids, texts, audio_ids, strict=True):
+        rng = caption_rng(seed, cid) if alternatives == "random" else None
+        for p in perturb_caption(text, sets, alternatives, rng):
+            rows.append((cid, aid, p))
+    return rows
+
+
+def accuracy_table(pairs: pa.Table, sets: Iterable[str] = SETS) -> dict:
+    """Per set: counts and accuracies from a pair table.
+
+    Needs columns set, caption_id, loss_original, loss_perturbed, oov_original,
+    oov_perturbed. A pair counts as correct when loss_perturbed > loss_original (strictly).
+    In-vocabulary pairs: neither caption holds an out-of-vocabulary word. Accuracies are
+    None where there is no pair.
+    """
+    col = {c: pairs.column(c).to_numpy(zero_copy_only=False) for c in (
+        "set", "caption_id", "loss_original", "loss_perturbed", "oov_original", "oov_perturbed"
+    )}
+    out = {}
+    for s in sets:
+        m = col["set"] == s
+        higher = col["loss_perturbed"][m] > col["loss_original"][m]
+        oov_p = col["oov_perturbed"][m] > 0
+        in_vocab = (col["oov_original"][m] == 0) & ~oov_p
+        n, n_iv = int(m.sum()), int(in_vocab.sum())
+        out[s] = {
+            "accuracy": float(higher.mean()) if n else None,
+            "n_perturbed": n,
+            "n_higher": int(higher.sum()),
+            "n_captions": len(set(col["caption_id"][m].tolist())),
+            "n_perturbed_with_oov": int(oov_p.sum()),
+            "accuracy_in_vocab": float(higher[in_vocab].mean()) if n_iv else None,
+            "n_in_vocab": n_iv,
+            "n_higher_in_vocab": int(higher[in_vocab].sum()),
+        }
+    return out
+
+
+def format_table(metrics: dict) -> str:
+    """A table like the paper's Table 5, with the in-vocabulary accuracies and counts."""
+
+    def f(v):
+        return "  -  " if v is None else f"{v:.3f}"
+
+    sets = metrics["sets"]
+    lines = [
+        f"Perturbation accuracy: share of perturbed captions whose loss on the caption's own audio "
+        f"is higher (0.5 is chance); audio_pos_enc={metrics['audio_pos_enc']}",
+        f"{'Type':8} {'Set':8} {'Accuracy':>8} {'In-vocab':>8} {'Pairs':>7} {'w/ OOV':>7} {'Captions':>8}",
+    ]
+    last_type = None
+    for s in SETS:
+        if s not in sets:
+            continue
+        r = sets[s]
+        typ, name = TABLE5_LABELS[s]
+        lines.append(
+            f"{typ if typ != last_type else '':8} {name:8} {f(r['accuracy']):>8} {f(r['accuracy_in_vocab']):>8} "
+            f"{r['n_perturbed']:>7} {r['n_perturbed_with_oov']:>7} {r['n_captions']:>8}"
+        )
+        last_type = typ
+    lines.append(
+        "In-vocab: pairs whose captions hold no out-of-vocabulary word (an <unk> raises a loss "
+        "whatever the audio)."
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# The Ray Data actor
+# --------------------------------------------------------------------------------------
+
+
+class PerturbActor:
+    """Rows of (audio_id, tokens) -> their teacher-forced losses on the caption's audio."""
+
+    def __init__(self, cfg_dict: dict):
+        import torch
+
+        from aacray import checkpoint as ckpt_lib
+        from aacray.config import PerturbConfig, from_dict
+        from aacray.embeddings import read_embeddings
+        from aacray.scoring import PairScorer
+
+        cfg = from_dict(PerturbConfig, cfg_dict)
+        use_gpu = cfg.actors.num_gpus > 0 and torch.cuda.is_available()
+        device = "cuda" if use_gpu else "cpu"
+        if not use_gpu:
+            torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
+        model, tok, _ = ckpt_lib.load(cfg.checkpoint, device)
+        audio = read_embeddings(cfg.audio, cfg.audio_subsets)
+        self.pos = audio.index()
+        self.scorer = PairScorer(model, tok.pad_id, audio.frames, device, cfg.precision, cfg.pairs_per_batch)
+
+    def __call__(self, batch: dict) -> dict:
+        idx = [self.pos[str(a)] for a in batch["audio_id"]]
+        tokens = [list(map(int, t)) for t in batch["tokens"]]
+        return {"pair_id": np.asarray(batch["pair_id"], dtype=np.int64), "loss": self.scorer.loss_pairs(idx, tokens)}
+
+
+# --------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------
+
+
+class BadInputError(ValueError):
+    """Inputs the perturbation job refuses before scoring; the message names the items."""
+
+
+def _truncate(ids: list[int], max_tokens: int, eos_id: int) -> list[int]:
+    return ids if len(ids) <= max_tokens else ids[: max_tokens - 1] + [eos_id]
+
+
+def run_perturb(cfg) -> dict:
+    import ray
+    import ray.data
+
+    from aacray import checkpoint as ckpt_lib
+    from aacray import storage
+    from aacray.config import dump_yaml, to_dict
+    from aacray.embeddings import check_embeddings, read_captions, read_embeddings
+    from aacray.runtime import init_ray
+
+    t_start = time.time()
+    model, tok, info = ckpt_lib.load(cfg.checkpoint)
+    max_tokens = model.cfg.max_len + 1
+    audio_pos_enc = bool(model.cfg.audio_pos_enc)
+    del model
+
+    # 0. inputs, checked before anything runs
+    audio = read_embeddings(cfg.audio, cfg.audio_subsets)
+    bad = [f"audio {a}: {why}" for a, why in check_embeddings(audio, "index")]
+    if not audio.audio_ids:
+        bad.append(f"the audio set {cfg.audio} (subsets {cfg.audio_subsets}) is empty")
+    table = read_captions(cfg.captions, cfg.caption_subsets)
+    cids = table.column("caption_id").to_pylist()
+    texts = table.column("text").to_pylist()
+    gts = table.column("audio_id").to_pylist()
+    if not cids:
+        bad.append(f"the caption set {cfg.captions} (subsets {cfg.caption_subsets}) is empty")
+    seen, dups = set(), set()
+    for c in cids:
+        (dups if c in seen else seen).add(c)
+    if dups:
+        bad.append(f"duplicate caption ids: {sorted(dups)[:10]}")
+    index = set(audio.audio_ids)
+    missing = [(c, a) for c, a in zip(cids, gts, strict=True) if a is not None and a not in index]
+    if missing:
+        bad.append(
+            f"{len(missing)} caption(s) whose audio is not in the audio set, e.g. {missing[:5]}: "
+            "select matching audio_subsets and caption_subsets"
+        )
+    if bad:
+        raise BadInputError("perturb refused its inputs, nothing was scored:\n  " + "\n  ".join(bad))
+    keep = [i for i, a in enumerate(gts) if a is not None]
+    n_no_audio = len(cids) - len(keep)
+    if n_no_audio:
+        log.warning("perturb: %d caption(s) have no audio_id (no own audio) and are skipped", n_no_audio)
+
+    # 1. perturbations (pure text), tokens, the unique (audio, tokens) pairs to score
+    rows = build_perturbations(
+        [cids[i] for i in keep], [texts[i] or "" for i in keep], [gts[i] for i in keep],
+        cfg.sets, cfg.alternatives, cfg.seed,
+    )
+    pair_of: dict[tuple[str, tuple[int, ...]], int] = {}
+    pair_items: list[tuple[str, tuple[int, ...]]] = []
+
+    def pair_id(aid: str, text: str) -> int:
+        key = (aid, tuple(_truncate(tok.encode(text), max_tokens, tok.eos_id)))
+        if key not in pair_of:
+            pair_of[key] = len(pair_items)
+            pair_items.append(key)
+        return pair_of[key]
+
+    kept, orig_pid, pert_pid, n_identical = [], [], [], 0
+    for cid, aid, p in rows:
+        a, b = pair_id(aid, p.original), pair_id(aid, p.perturbed)
+        if a == b:  # the change fell past the decoder's length
+            n_identical += 1
+            continue
+        kept.append((cid, aid, p))
+        orig_pid.append(a)
+        pert_pid.append(b)
+    log.info(
+        "perturb: %d captions with an audio, %d perturbed captions, %d pairs to score",
+        len(keep), len(kept), len(pair_items),
+    )
+
+    out = cfg.output
+    storage.begin_output(out, ["pairs"])
+    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
+
+    # 2. score every pair on the actor pool (rows sorted by audio then length: little padding)
+    losses = np.full(len(pair_items), np.nan, dtype=np.float32)
+    score_seconds = 0.0
+    if pair_items:
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        order = sorted(range(len(pair_items)), key=lambda j: (pair_items[j][0], len(pair_items[j][1]), j))
+        n_blocks = max(1, min(len(order), cfg.actors.num_actors * 4))
+        ds = ray.data.from_items(
+            [{"pair_id": j, "audio_id": pair_items[j][0], "tokens": np.array(pair_items[j][1], dtype=np.int32)} for j in order],
+            override_num_blocks=n_blocks,
+        )
+        ds = ds.map_batches(
+            PerturbActor,
+            fn_constructor_kwargs={"cfg_dict": to_dict(cfg)},
+            batch_size=cfg.actors.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors),
+            num_gpus=cfg.actors.num_gpus,
+            num_cpus=cfg.actors.num_cpus,
+        )
+        t_score = time.time()
+        for row in ds.iter_rows():
+            losses[int(row["pair_id"])] = row["loss"]
+        score_seconds = time.time() - t_score
+        if np.isnan(losses).any():
+            raise RuntimeError(f"{int(np.isnan(losses).sum())} of {len(losses)} pairs came back unscored")
+
+    # 3. the pair table, accuracies; the manifest last
+    pairs = pa.table(
+        {
+            "caption_id": pa.array([r[0] for r in kept], pa.string()),
+            "audio_id": pa.array([r[1] for r in kept], pa.string()),
+            "set": pa.array([r[2].set for r in kept], pa.string()),
+            "relation": pa.array([r[2].relation for r in kept], pa.string()),
+            "replacement": pa.array([r[2].replacement for r in kept], pa.string()),
+            "original": pa.array([r[2].original for r in kept], pa.string()),
+            "perturbed": pa.array([r[2].perturbed for r in kept], pa.string()),
+            "loss_original": pa.array(losses[orig_pid] if kept else [], pa.float32()),
+            "loss_perturbed": pa.array(losses[pert_pid] if kept else [], pa.float32()),
+            "oov_original": pa.array([tok.oov_count(r[2].original) for r in kept], pa.int32()),
+            "oov_perturbed": pa.array([tok.oov_count(r[2].perturbed) for r in kept], pa.int32()),
+        }
+    )
+    pairs = pairs.append_column(
+        "higher", pa.array(pairs.column("loss_perturbed").to_numpy() > pairs.column("loss_original").to_numpy(), pa.bool_())
+    )
+    storage.write_table(out, "pairs", pairs)
+    metrics = {
+        "sets": accuracy_table(pairs, cfg.sets),
+        "audio_pos_enc": audio_pos_enc,
+        "definitions": {
+            "accuracy": "share of perturbed captions whose loss on the caption's own audio is "
+            "strictly higher than the original caption's",
+            "in_vocab": "pairs where neither caption holds a word outside the vocabulary",
+            "n_perturbed_with_oov": "perturbed captions holding at least one out-of-vocabulary word",
+        },
+        "alternatives": cfg.alternatives,
+        "seed": cfg.seed if cfg.alternatives == "random" else None,
+        "n_captions": len(cids),
+        "n_captions_without_audio": n_no_audio,
+        "n_captions_perturbed": len({r[0] for r in kept}),
+        "n_perturbed": len(kept),
+        "n_dropped_identical_after_truncation": n_identical,
+        "n_pairs_scored": len(pair_items),
+        "score_seconds": round(score_seconds, 2),
+        "checkpoint": info,
+    }
+    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    storage.commit_output(out, "perturb", {"metrics": "metrics.json"}, ["pairs"])
+    print(format_table(metrics), flush=True)
+    return {
+        "output": out,
+        "audio_pos_enc": audio_pos_enc,
+        "n_perturbed": len(kept),
+        "accuracy": {s: v["accuracy"] for s, v in metrics["sets"].items()},
+        "accuracy_in_vocab": {s: v["accuracy_in_vocab"] for s, v in metrics["sets"].items()},
+        "wall_seconds": round(time.time() - t_start, 1),
+    }
