@@ -516,13 +516,13 @@ def run_caption(cfg) -> dict:
         raise BadInputError("caption refused its inputs, nothing was decoded:\n  " + "\n  ".join(bad))
     refs = references_for(cfg.references, audio_ids) if cfg.references else {}
 
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)  # before the old output is invalidated
     out = cfg.output
     storage.begin_output(out, ["captions"])
     storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
 
     # 1. audio ids as rows, sorted by length so a batch pads little -> 2. beam search on
     # the actor pool (each actor holds the subset's embeddings, like score_matrix's index)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     n_frames = dict(zip(audio_ids, ids_t.column("n_frames").to_pylist(), strict=True))
     rows = sorted(audio_ids, key=lambda a: (n_frames[a], a))
     ds = ray.data.from_items(

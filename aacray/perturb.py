@@ -388,6 +388,8 @@ def run_perturb(cfg) -> dict:
         len(keep), len(kept), len(pair_items),
     )
 
+    if pair_items:
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)  # before the old output is invalidated
     out = cfg.output
     storage.begin_output(out, ["pairs"])
     storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
@@ -396,7 +398,6 @@ def run_perturb(cfg) -> dict:
     losses = np.full(len(pair_items), np.nan, dtype=np.float32)
     score_seconds = 0.0
     if pair_items:
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
         order = sorted(range(len(pair_items)), key=lambda j: (pair_items[j][0], len(pair_items[j][1]), j))
         n_blocks = max(1, min(len(order), cfg.actors.num_actors * 4))
         ds = ray.data.from_items(
