@@ -61,7 +61,19 @@ class BadInputError(ValueError):
 
 
 class PairScorer:
-    """Loss matrix of a fixed audio index against any list of tokenised captions."""
+    """Loss matrix of a fixed audio index against any list of tokenised captions.
+
+    Built once per actor: each audio is projected once (memory, sorted by length so that
+    neighbours pad little) and, through `FastDecoder.audio_kv`, so are the cross-attention
+    keys/values of every layer, kept for all N audios (memory cost: 2 x n_layers x the
+    memory, N x S x 2 n_layers D floats). A caption's caption-only work (embedding, first
+    self-attention) is done once, then its pairs run against fixed chunks of the sorted
+    audio index (`_chunks`): a forward is one caption, unpadded, against one chunk.
+    """
+
+    # CPU forwards stop at about this many token rows (chunk audios x caption tokens): the
+    # activations then stay cache-sized (docs/benchmarks.md); the GPU takes pairs_per_batch.
+    CPU_ROWS = 768
 
     def __init__(
         self,
@@ -72,9 +84,14 @@ class PairScorer:
         precision: str = "fp32",
         pairs_per_batch: int = 4096,
     ):
+        from aacray.fastdecode import FastDecoder
+
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.model = model.to(device).eval()
         self.pad_id = pad_id
         self.device = torch.device(device)
+        self.precision = precision
         self.pairs_per_batch = pairs_per_batch
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -92,11 +109,34 @@ class PairScorer:
                 f = torch.tensor(np.asarray(frames[i], np.float32), device=self.device)[None]
                 self.memory[j, : f.shape[1]] = model.encode(f)[0].float()
                 self.mask[j, : f.shape[1]] = False
-        # fixed audio chunks of at most pairs_per_batch audios, each padded to its longest
-        self.chunks = [
-            (a0, min(a0 + pairs_per_batch, self.n_audios), int(self.lens[min(a0 + pairs_per_batch, self.n_audios) - 1]))
-            for a0 in range(0, self.n_audios, pairs_per_batch)
-        ]
+        on_cpu = self.device.type == "cpu"
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.fast = FastDecoder(self.model, dtype, pack_rows=self.CPU_ROWS if on_cpu else None)
+        self.max_rows = self.CPU_ROWS if on_cpu else None
+        with torch.inference_mode():
+            parts = [
+                self.fast.audio_kv(self.memory[a0 : a0 + pairs_per_batch])
+                for a0 in range(0, self.n_audios, pairs_per_batch)
+            ]
+            self.kv = [tuple(torch.cat([p[i][j] for p in parts]) for j in range(2)) for i in range(len(parts[0]))]
+        self._chunk_cache: dict[int, list] = {}
+
+    def _chunks(self, T: int) -> list[tuple[int, int, int, bool]]:
+        """Fixed chunks (a0, a1, S, padded) of the sorted audio index for a caption of T input
+        tokens: at most pairs_per_batch audios (and CPU_ROWS token rows on CPU). They depend
+        on T and the index only, never on the other captions scored alongside."""
+        if T not in self._chunk_cache:
+            size = self.pairs_per_batch if self.max_rows is None else max(1, min(self.pairs_per_batch, self.max_rows // T))
+            out = []
+            for a0 in range(0, self.n_audios, size):
+                a1 = min(a0 + size, self.n_audios)
+                S = int(self.lens[a1 - 1])
+                out.append((a0, a1, S, bool(self.lens[a0] < S)))
+            self._chunk_cache[T] = out
+        return self._chunk_cache[T]
+
+    def _kv(self, rows: slice | torch.Tensor, S: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[rows, :, :S], v[rows, :, :S]) for k, v in self.kv]
 
     def loss_matrix(self, tokens: list[list[int]]) -> np.ndarray:
         """Token id lists of m captions ([bos .. eos]) -> losses (N, m) float32.
@@ -107,19 +147,21 @@ class PairScorer:
         """
         m = len(tokens)
         out = np.empty((self.n_audios, m), dtype=np.float32)
-        with torch.inference_mode(), self.autocast:
+        with torch.inference_mode():
             for j in range(m):
                 tok = torch.tensor(tokens[j], dtype=torch.long, device=self.device)[None]
-                for a0, a1, S in self.chunks:
-                    losses = pair_loss_memory(
-                        self.model, self.memory[a0:a1, :S], self.mask[a0:a1, :S], tok.expand(a1 - a0, -1), self.pad_id
-                    )
-                    out[self.order[a0:a1], j] = losses.float().cpu().numpy()
+                assert tok.shape[1] >= 2, f"caption {j} has no target token: {tokens[j]}"
+                prefix = self.fast.prefix(tok[:, :-1])
+                for a0, a1, S, padded in self._chunks(tok.shape[1] - 1):
+                    mask = self.mask[a0:a1, :S] if padded else None
+                    losses = self.fast.losses(prefix, self._kv(slice(a0, a1), S), mask, tok[:, 1:])
+                    out[self.order[a0:a1], j] = losses.cpu().numpy()
         return out
 
     def loss_pairs(self, audio_index: list[int], tokens: list[list[int]]) -> np.ndarray:
         """Losses (P,) float32 of listed pairs: audio_index[p] (position in the frames given
-        to the constructor) with tokens[p]. Same numerics as `loss_matrix`."""
+        to the constructor) with tokens[p]. Same numerics as `loss_matrix` (the same fast
+        forward, here over batches of different captions, right-padded)."""
         P = len(tokens)
         out = np.empty(P, dtype=np.float32)
         if P == 0:
@@ -127,20 +169,45 @@ class PairScorer:
         rank_of = np.empty(self.n_audios, dtype=np.int64)
         rank_of[self.order] = np.arange(self.n_audios)
         rows = rank_of[np.asarray(audio_index, dtype=np.int64)]
-        p_order = np.lexsort((np.array([len(t) for t in tokens]), rows))
-        with torch.inference_mode(), self.autocast:
-            for p0 in range(0, P, self.pairs_per_batch):
-                idx = p_order[p0 : p0 + self.pairs_per_batch]
+        lengths = np.array([len(t) for t in tokens])
+        p_order = np.lexsort((lengths, rows))
+        size = self.pairs_per_batch
+        if self.max_rows is not None:
+            size = max(1, min(size, self.max_rows // int(lengths.max())))
+        with torch.inference_mode():
+            for p0 in range(0, P, size):
+                idx = p_order[p0 : p0 + size]
                 r = torch.as_tensor(rows[idx], device=self.device)
                 S = int(self.lens[rows[idx]].max())
-                T = max(len(tokens[i]) for i in idx)
+                T = int(lengths[idx].max())
                 tok = torch.full((len(idx), T), self.pad_id, dtype=torch.long)
                 for j, i in enumerate(idx):
                     tok[j, : len(tokens[i])] = torch.tensor(tokens[i])
-                losses = pair_loss_memory(
-                    self.model, self.memory[r, :S], self.mask[r, :S], tok.to(self.device), self.pad_id
+                tok = tok.to(self.device)
+                mask = self.mask[r, :S]
+                prefix = self.fast.prefix(tok[:, :-1])
+                losses = self.fast.losses(
+                    prefix, self._kv(r, S), mask if bool(mask.any()) else None, tok[:, 1:], self.pad_id
                 )
-                out[idx] = losses.float().cpu().numpy()
+                out[idx] = losses.cpu().numpy()
+        return out
+
+    def _module_loss_matrix(self, tokens: list[list[int]]) -> np.ndarray:
+        """The plain-module path this class used before `FastDecoder`: `pair_loss_memory`
+        (the whole nn.TransformerDecoder, bf16 through autocast) for one caption against
+        chunks of pairs_per_batch audios. A reference for tests and jobs/bench_scoring.py."""
+        m = len(tokens)
+        out = np.empty((self.n_audios, m), dtype=np.float32)
+        with torch.inference_mode(), self.autocast:
+            for j in range(m):
+                tok = torch.tensor(tokens[j], dtype=torch.long, device=self.device)[None]
+                for a0 in range(0, self.n_audios, self.pairs_per_batch):
+                    a1 = min(a0 + self.pairs_per_batch, self.n_audios)
+                    S = int(self.lens[a1 - 1])
+                    losses = pair_loss_memory(
+                        self.model, self.memory[a0:a1, :S], self.mask[a0:a1, :S], tok.expand(a1 - a0, -1), self.pad_id
+                    )
+                    out[self.order[a0:a1], j] = losses.float().cpu().numpy()
         return out
 
 

@@ -1,0 +1,397 @@
+"""Benchmark pair scoring: a naive per-pair forward against `PairScorer` (docs/benchmarks.md).
+
+CPU (paper-size model, random weights):   python jobs/bench_scoring.py
++ top-10 rankings fp32 vs bf16, demo:     python jobs/bench_scoring.py --demo-ranks
++ in-process scorer vs Ray score_matrix:  python jobs/bench_scoring.py --ray
++ kept/discarded variants of the scorer:  python jobs/bench_scoring.py --ablations
+GPU, Clotho evaluation size (target: 5.5M pairs in <= 10 s on an H200):
+  python jobs/bench_scoring.py --device cuda --precision bf16 --audios 1045 --captions 5225 --rounds 1
+
+Rows, all on the same synthetic audio x caption matrix, measured in one process and
+interleaved round by round (the machine may be shared: medians over rounds, and ratios
+taken within a round):
+  (a) naive: `pair_loss` (projection + plain nn.TransformerDecoder) over batches of pairs
+      in random order, each batch padded to its longest caption, fp32, nothing reused;
+      on --naive-pairs pairs drawn from the matrix (all of them when the matrix is small);
+  (b) PairScorer, fp32;  (c) PairScorer in --precision (its fastest mode, bf16).
+(b) and (c) time everything they do: construction (projection, memory keys/values) and
+loss_matrix over all captions. Useful FLOPs are the model's FLOPs per pair on its real
+(unpadded) tokens, `aacray.fastdecode.pair_flops`, summed over the pairs scored; their
+rate is given as a share of a 2048^3 matmul measured in the same run at the precision of
+the row (fp32 for a and b). The `executed` column counts what the fast path must compute
+at least (per pair work, plus per audio and per caption work once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss
+from aacray.fastdecode import FastDecoder, _Linear, pair_flops
+from aacray.scoring import PairScorer
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+def clotho_like_lengths(rng: np.random.Generator, m: int) -> np.ndarray:
+    """Caption lengths in words, 8..20 like Clotho's, skewed to short ones (mean ~11.2)."""
+    k = np.arange(13)
+    p = np.exp(-k / 4.5)
+    return 8 + rng.choice(k, size=m, p=p / p.sum())
+
+
+def synthetic(n_audios: int, n_captions: int, n_frames: int, vocab: int, seed: int):
+    rng = np.random.default_rng(seed)
+    frames = [rng.standard_normal((n_frames, 768), dtype=np.float32) for _ in range(n_audios)]
+    tokens = [[BOS, *rng.integers(4, vocab, n).tolist(), EOS] for n in clotho_like_lengths(rng, n_captions)]
+    return frames, tokens
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float:
+    """FLOP/s of an n^3 matmul, median of reps."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)
+    ts = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        sync(device)
+        ts.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(ts)
+
+
+def naive_losses(model, frames, tokens, pairs: np.ndarray, batch: int, device) -> np.ndarray:
+    """(a): pairs (P, 2) of (audio, caption) in the given order, batches padded to their
+    longest caption (all audios have the same length here), fp32, per-pair everything."""
+    out = np.empty(len(pairs), np.float32)
+    with torch.inference_mode():
+        for p0 in range(0, len(pairs), batch):
+            pb = pairs[p0 : p0 + batch]
+            x = torch.from_numpy(np.stack([frames[a] for a in pb[:, 0]])).to(device)
+            T = max(len(tokens[c]) for c in pb[:, 1])
+            tok = torch.full((len(pb), T), PAD, dtype=torch.long)
+            for j, c in enumerate(pb[:, 1]):
+                tok[j, : len(tokens[c])] = torch.tensor(tokens[c])
+            out[p0 : p0 + len(pb)] = pair_loss(model, x, None, tok.to(device), PAD).cpu().numpy()
+    return out
+
+
+def flops_of(cfg, vocab, tokens, n_audios, n_frames, caption_idx=None):
+    """(useful FLOPs of all pairs, minimum the fast path executes) for n_audios x captions."""
+    caps = range(len(tokens)) if caption_idx is None else caption_idx
+    useful = executed = 0.0
+    for c in caps:
+        f = pair_flops(cfg, vocab, len(tokens[c]) - 1, n_frames)
+        useful += n_audios * f["total"]
+        executed += n_audios * f["per_pair"] + f["per_caption"]
+    executed += n_audios * pair_flops(cfg, vocab, 1, n_frames)["per_audio"]
+    return useful, executed
+
+
+def run_rows(args, device) -> None:
+    torch.manual_seed(args.seed)
+    cfg = DecoderConfig()
+    model = CaptionDecoder(cfg, args.vocab, PAD).to(device).eval()
+    frames, tokens = synthetic(args.audios, args.captions, args.frames, args.vocab, args.seed)
+    N, M = args.audios, args.captions
+    rng = np.random.default_rng(args.seed + 1)
+    all_pairs = np.stack(np.divmod(np.arange(N * M), M), 1)
+    n_naive = min(args.naive_pairs, N * M) if args.naive_pairs > 0 else 0
+    naive_pairs = all_pairs[rng.permutation(N * M)[:n_naive]]
+
+    rates = {"fp32": matmul_rate(device, torch.float32), "bf16": matmul_rate(device, torch.bfloat16)}
+    words = np.array([len(t) - 2 for t in tokens])
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, load avg "
+        f"{os.getloadavg()[0]:.1f}\nmodel: paper size, V={args.vocab}, {cfg.n_layers} layers D={cfg.d_model} "
+        f"H={cfg.n_heads} F={cfg.d_ff}; {N} audios x {args.frames} frames, {M} captions of "
+        f"{words.min()}-{words.max()} words (mean {words.mean():.2f}); naive on {n_naive} pairs\n"
+        f"matmul 2048^3: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s",
+        flush=True,
+    )
+    useful_all, executed_all = flops_of(cfg, args.vocab, tokens, N, args.frames)
+    useful_naive = sum(pair_flops(cfg, args.vocab, len(tokens[c]) - 1, args.frames)["total"] for c in naive_pairs[:, 1])
+
+    def scorer_row(precision):
+        return lambda: PairScorer(model, PAD, frames, device, precision, args.pairs_per_batch).loss_matrix(tokens)
+
+    rows: dict[str, dict] = {}
+    if n_naive:
+        rows["(a) naive fp32"] = dict(fn=lambda: naive_losses(model, frames, tokens, naive_pairs, args.naive_batch, device),
+                                      pairs=n_naive, useful=useful_naive, executed=None, rate="fp32")
+    rows["(b) PairScorer fp32"] = dict(fn=scorer_row("fp32"), pairs=N * M, useful=useful_all, executed=executed_all, rate="fp32")
+    rows[f"(c) PairScorer {args.precision}"] = dict(
+        fn=scorer_row(args.precision), pairs=N * M, useful=useful_all, executed=executed_all,
+        rate="bf16" if args.precision == "bf16" else "fp32",
+    )
+    if args.ablations:
+        add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, useful_all, executed_all, device)
+
+    times: dict[str, list[float]] = {k: [] for k in rows}
+    round_rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    outputs: dict[str, np.ndarray] = {}
+    for r in range(args.rounds):
+        for prec, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            round_rates[prec].append(matmul_rate(device, dt, reps=3))
+        for name, row in rows.items():
+            sync(device)
+            t = time.perf_counter()
+            out = row["fn"]()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+            outputs.setdefault(name, out)
+        print(
+            f"round {r + 1}/{args.rounds} (matmul fp32 {round_rates['fp32'][-1] / 1e9:.0f}, bf16 "
+            f"{round_rates['bf16'][-1] / 1e9:.0f} GFLOP/s), pairs/s: "
+            + "  ".join(f"[{i}] {rows[k]['pairs'] / v[-1]:.0f}" for i, (k, v) in enumerate(times.items())),
+            flush=True,
+        )
+
+    base = "(a) naive fp32" if n_naive else None
+    ref = outputs.get(base)
+    print(
+        "\n| | row | pairs/s | x (a) | useful GFLOP/s | share of matmul | executed share | max abs loss diff vs (a) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    for i, (name, row) in enumerate(rows.items()):
+        pps = [row["pairs"] / t for t in times[name]]
+        ratio = "1.00" if name == base else "-"
+        if base and name != base:
+            ratio = f"{statistics.median([p * tb / rows[base]['pairs'] for p, tb in zip(pps, times[base], strict=True)]):.2f}"
+        flops = [row["useful"] / t for t in times[name]]
+        share = statistics.median([f / mr for f, mr in zip(flops, round_rates[row["rate"]], strict=True)])
+        ex = "-"
+        if row["executed"]:
+            ex = f"{statistics.median([row['executed'] / t / mr for t, mr in zip(times[name], round_rates[row['rate']], strict=True)]):.0%}"
+        diff = "-"
+        if ref is not None and name != base:
+            out = outputs[name]
+            got = out if out.ndim == 1 else out[naive_pairs[:, 0], naive_pairs[:, 1]]
+            diff = f"{np.abs(got - ref).max():.1e}"
+        print(
+            f"| [{i}] | {name} | {statistics.median(pps):.0f} | {ratio} | {statistics.median(flops) / 1e9:.0f} | "
+            f"{share:.0%} of {row['rate']} | {ex} | {diff} |"
+        )
+    print(f"(medians over {args.rounds} rounds; x (a) and the shares are medians of per-round ratios, the matmul rate measured in each round)")
+
+
+def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, useful_all, executed_all, device):
+    """Variants of the scorer, for the kept/discarded table of docs/benchmarks.md."""
+    N, M = args.audios, args.captions
+
+    def scorer(precision, setup=None, module=False):
+        def run():
+            sc = PairScorer(model, PAD, frames, device, precision, args.pairs_per_batch)
+            if setup:
+                setup(sc)
+            return sc._module_loss_matrix(tokens) if module else sc.loss_matrix(tokens)
+        return run
+
+    def unpacked(sc):  # F.linear instead of oneDNN with pre-packed weights
+        sc.fast = FastDecoder(sc.model, sc.fast.dtype, pack_rows=None)
+
+    def sdpa(sc):  # F.scaled_dot_product_attention instead of written-out attention
+        sc.fast.fused_attention = True
+
+    def bf16_classifier(sc):  # the classifier in bf16 too (its logits rounded to 8 bits)
+        c = sc.model.classifier
+        sc.fast.classifier = _Linear(c.weight, c.bias, torch.bfloat16, sc.max_rows)
+
+    def rows_per_forward(n):
+        def f(sc):
+            sc.max_rows = n
+            sc._chunk_cache = {}
+        return f
+
+    def one_forward(sc):  # the whole index in one forward per caption
+        sc.max_rows = None
+        sc.pairs_per_batch = sc.n_audios
+        sc._chunk_cache = {}
+
+    fp32 = dict(pairs=N * M, useful=useful_all, executed=executed_all, rate="fp32")
+    bf16 = dict(fp32, rate="bf16")
+    rows["previous PairScorer fp32 (module, per caption)"] = dict(fn=scorer("fp32", module=True), **fp32)
+    rows["previous PairScorer bf16 autocast"] = dict(fn=scorer("bf16", module=True), **bf16)
+    if len(naive_pairs):
+        def naive_bf16():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return naive_losses(model, frames, tokens, naive_pairs, args.naive_batch, device)
+        rows["naive bf16 autocast"] = dict(fn=naive_bf16, pairs=len(naive_pairs), useful=useful_naive, executed=None, rate="bf16")
+    if device.type == "cpu":
+        rows["fast fp32, F.linear (no oneDNN packing)"] = dict(fn=scorer("fp32", unpacked), **fp32)
+        rows["fast bf16, F.linear (no oneDNN packing)"] = dict(fn=scorer("bf16", unpacked), **bf16)
+        rows["fast bf16, bf16 classifier"] = dict(fn=scorer("bf16", bf16_classifier), **bf16)
+        rows["fast fp32, SDPA attention"] = dict(fn=scorer("fp32", sdpa), **fp32)
+        for n in (256, 3072):
+            rows[f"fast fp32, {n} rows per forward"] = dict(fn=scorer("fp32", rows_per_forward(n)), **fp32)
+        rows["fast fp32, whole index per forward"] = dict(fn=scorer("fp32", one_forward), **fp32)
+
+
+# --- top-10 rankings on the demo ------------------------------------------------------------
+def _min_gap(scores: np.ndarray, k: int = 10) -> float:
+    """Smallest gap between neighbours among a query's k + 1 best scores (ties excluded:
+    they are broken by id, identically at any precision)."""
+    top = np.sort(scores)[: k + 1]
+    gaps = np.diff(top)
+    gaps = gaps[gaps > 0]
+    return float(gaps.min()) if gaps.size else np.inf
+
+
+def demo_ranks(args, device) -> None:
+    from aacray import checkpoint as ckpt_lib
+    from aacray import storage
+    from aacray.embeddings import read_captions, read_embeddings
+    from aacray.retrieval import (
+        minmax_scale,
+        rank_a2t_minmax,
+        rank_a2t_raw,
+        rank_t2a,
+        retrieval_metrics,
+    )
+
+    tr, ex = "runs/demo/train_decoder", "runs/demo/extract_embeddings"
+    if not (
+        storage.exists(storage.join(tr, "_MANIFEST.json"))
+        and storage.exists(storage.join(ex, "_MANIFEST.json"))
+    ):
+        print(f"\n--demo-ranks: {tr} or {ex} has no manifest yet; skipped")
+        return
+    model, tok, _ = ckpt_lib.load(tr, device)
+    es = read_embeddings(ex, ["evaluation"])
+    caps = read_captions(ex, ["evaluation"])
+    cids = caps.column("caption_id").to_pylist()
+    gt = dict(zip(cids, caps.column("audio_id").to_pylist(), strict=True))
+    tokens = [tok.encode(t) for t in caps.column("text").to_pylist()]
+    print(
+        f"\nDemo evaluation split: {len(es.audio_ids)} audios x {len(cids)} captions, "
+        f"V={model.vocab_size}, {torch.get_num_threads()} threads"
+    )
+    L, secs = {}, {}
+    for precision in ("fp32", args.precision):
+        t = time.perf_counter()
+        sc = PairScorer(model, tok.pad_id, es.frames, device, precision, args.pairs_per_batch)
+        L[precision] = sc.loss_matrix(tokens).astype(np.float64)
+        secs[precision] = time.perf_counter() - t
+    if args.precision == "bf16":  # the plain module under autocast: what bf16 gave before
+        sc = PairScorer(model, tok.pad_id, es.frames, device, "bf16", args.pairs_per_batch)
+        L["bf16 autocast (module)"] = sc._module_loss_matrix(tokens).astype(np.float64)
+    Lb = L["fp32"]
+    print(f"PairScorer fp32 {Lb.size / secs['fp32']:.0f} pairs/s, {args.precision} "
+          f"{Lb.size / secs[args.precision]:.0f} pairs/s (construction included)")
+    lo, hi = Lb.min(axis=0), Lb.max(axis=0)
+    gaps = {
+        "t2a": np.array([_min_gap(Lb[:, j]) for j in range(Lb.shape[1])]),
+        "a2t_raw": np.array([_min_gap(Lb[i]) for i in range(Lb.shape[0])]),
+        "a2t_minmax": np.array([_min_gap(r) for r in minmax_scale(Lb, lo, hi)]),
+    }
+    fns = {"t2a": rank_t2a, "a2t_raw": rank_a2t_raw, "a2t_minmax": rank_a2t_minmax}
+    ref = {k: fn(Lb, es.audio_ids, cids, 10) for k, fn in fns.items()}
+    m_ref = retrieval_metrics(ref["t2a"], ref["a2t_raw"], ref["a2t_minmax"], gt)
+    for name, Lc in L.items():
+        if name == "fp32":
+            continue
+        err = np.abs(Lc - Lb).max()
+        got = {k: fn(Lc, es.audio_ids, cids, 10) for k, fn in fns.items()}
+        print(f"{name}: max |loss - fp32| = {err:.1e}")
+        for k in fns:
+            a, b = ref[k].lists(), got[k].lists()
+            differ = [q for q in a if a[q] != b[q]]
+            near = ""
+            if k != "a2t_minmax":  # (gaps there are in min-max units)
+                near = f"; {int((gaps[k] < 2 * err).sum())} hold a fp32 gap < 2 x that error among their 11 best"
+            print(f"  top-10 {k}: {len(a) - len(differ)}/{len(a)} lists identical{near}")
+        m = retrieval_metrics(got["t2a"], got["a2t_raw"], got["a2t_minmax"], gt)
+        for k in fns:
+            cells = [f"{r} {m_ref[k][r]:.4f} -> {m[k][r]:.4f}" for r in m_ref[k] if r != "n_queries"]
+            print(f"  {k}: " + ", ".join(cells))
+    for k, g in gaps.items():
+        q = np.quantile(g[np.isfinite(g)], [0.1, 0.5])
+        unit = "min-max units" if k == "a2t_minmax" else "loss"
+        print(f"fp32 smallest gap among the 11 best ({unit}), {k}: 10% of lists < {q[0]:.1e}, median {q[1]:.1e}")
+
+
+# --- Ray Data against the in-process scorer ---------------------------------------------------
+def ray_vs_inprocess(args) -> None:
+    from aacray import checkpoint as ckpt_lib
+    from aacray.config import ScoreConfig, load_config
+    from aacray.scoring import load_inputs
+
+    cfg = load_config(ScoreConfig, [args.ray_config])
+    model, tok, _ = ckpt_lib.load(cfg.checkpoint)
+    audio, cids, tokens, _, _ = load_inputs(cfg.audio, cfg.audio_subsets, cfg.captions, cfg.caption_subsets, tok, model.cfg.max_len + 1)
+    n_pairs = len(audio.audio_ids) * len(cids)
+    cpus = int(cfg.actors.num_actors * cfg.actors.num_cpus)
+    print(f"\nscore_matrix via Ray Data vs in-process PairScorer: {args.ray_config}, {len(audio.audio_ids)} x "
+          f"{len(cids)} = {n_pairs} pairs, {cfg.precision}, {cfg.actors.num_actors} actors x {cfg.actors.num_cpus} CPU")
+    threads = torch.get_num_threads()
+    inproc = {}
+    for n_threads in sorted({1, cpus}):
+        torch.set_num_threads(n_threads)
+        t = time.perf_counter()
+        PairScorer(model, tok.pad_id, audio.frames, "cpu", cfg.precision, cfg.pairs_per_batch).loss_matrix(tokens)
+        inproc[n_threads] = n_pairs / (time.perf_counter() - t)
+        print(f"in-process, {n_threads} thread(s), construction included: {inproc[n_threads]:.0f} pairs/s", flush=True)
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "jobs/score_matrix.py", args.ray_config, f"output={tmp}/score"]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t
+        with open(f"{tmp}/score/metrics.json") as f:
+            m = json.load(f)
+    print(f"score_matrix: pairs_per_s {m['pairs_per_s']} (score_seconds {m['score_seconds']}: actor start-up, "
+          f"scoring, block reduction), whole job {wall:.1f} s")
+    print(f"Ray / in-process ({cpus} threads): {m['pairs_per_s'] / inproc[cpus]:.0%}; "
+          f"Ray / ({cpus} x in-process 1 thread): {m['pairs_per_s'] / (cpus * inproc[1]):.0%}")
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="row (c)")
+    p.add_argument("--audios", type=int, default=64)
+    p.add_argument("--captions", type=int, default=128)
+    p.add_argument("--frames", type=int, default=31)
+    p.add_argument("--vocab", type=int, default=5000)
+    p.add_argument("--pairs-per-batch", type=int, default=4096, help="PairScorer's (ScoreConfig default)")
+    p.add_argument("--naive-batch", type=int, default=256, help="pairs per naive forward")
+    p.add_argument("--naive-pairs", type=int, default=8192, help="pairs row (a) scores (0: skip it)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablations", action="store_true", help="also time the scorer variants")
+    p.add_argument("--demo-ranks", action="store_true", help="top-10 rankings fp32 vs --precision, demo")
+    p.add_argument("--ray", action="store_true", help="in-process scorer vs jobs/score_matrix.py")
+    p.add_argument("--ray-config", default="configs/score_demo.yaml")
+    p.add_argument("--only", choices=["rows", "demo", "ray"], help="run only this part")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.only in (None, "rows"):
+        run_rows(args, device)
+    if args.demo_ranks or args.only == "demo":
+        demo_ranks(args, device)
+    if args.ray or args.only == "ray":
+        ray_vs_inprocess(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
