@@ -198,7 +198,7 @@ class FastDecoder:
         for i, layer in enumerate(self.layers[1:], start=1):
             x = self._self_attn(x, layer)
             x = self._cross_and_ff(x, self._queries(x, layer), kv[i], mask, layer)
-        logits = self.classifier(x)  # (A, T, V) fp32
+        logits = self.classifier(x).float()  # (A, T, V) fp32 (a no-op unless the classifier was swapped)
         V = logits.shape[-1]
         tgt = target.expand(A, T).reshape(-1)
         ignore = -100 if pad_id is None else pad_id

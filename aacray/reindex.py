@@ -642,7 +642,7 @@ def _run_units(units: list[dict], job: dict, cfg) -> list[dict]:
         fn_constructor_kwargs={"job": job},
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.actors.num_actors, len(units)))),
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.actors.num_actors, len(units))), max_tasks_in_flight_per_actor=1),
         num_gpus=cfg.actors.num_gpus,
         num_cpus=cfg.actors.num_cpus,
     )

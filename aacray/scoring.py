@@ -47,6 +47,10 @@ log = logging.getLogger("aacray.scoring")
 
 TABLES = ["caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw"]
 BLOCKS = "_blocks"  # per-block results of an unfinished run (resume reads them)
+# The scorer's numerics: recorded in metrics.json and part of the resume fingerprint, so a
+# run resumed after an upgrade that changes float rounding does not mix two scorers' blocks.
+# "fastdecode-1": aacray.fastdecode (cached audio K/V, per-caption prefix, fixed CPU chunks).
+SCORER_VERSION = "fastdecode-1"
 CORNER = 32  # heatmap side
 N_CURVES = 3  # queries in the loss-curve figure
 
@@ -349,8 +353,13 @@ class ScoreActor:
                 **{f"probe{i}": pa.array(L[ai], pa.float32()) for i, ai in enumerate(self.probe_idx)},
             }
         )
+        # typed columns: a block may hold none of the corner captions (an empty table must
+        # still concatenate with the others)
         corner = pa.table(
-            {"caption_id": [cids[j] for j in corner_cols], **{a: L[i, corner_cols] for i, a in enumerate(self.audio_ids[:CORNER])}}
+            {
+                "caption_id": pa.array([cids[j] for j in corner_cols], pa.string()),
+                **{a: pa.array(L[i, corner_cols], pa.float32()) for i, a in enumerate(self.audio_ids[:CORNER])},
+            }
         )
         row = pa.table(
             {
@@ -432,7 +441,7 @@ def run_score_matrix(cfg) -> dict:
     # a run is resumable when everything that shapes a block's result is unchanged
     fingerprint = hashlib.sha256(
         repr(
-            (info, audio.audio_ids, [f.shape for f in audio.frames], cids, tokens, cfg.k, cfg.precision,
+            (SCORER_VERSION, info, audio.audio_ids, [f.shape for f in audio.frames], cids, tokens, cfg.k, cfg.precision,
              cfg.pairs_per_batch, bs, cfg.write_scores, probe_audios, corner_captions)
         ).encode()
     ).hexdigest()
@@ -450,7 +459,9 @@ def run_score_matrix(cfg) -> dict:
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     t_score = time.time()
-    pending = [i for i in range(len(blocks)) if i not in done]
+    # longest captions first (blocks are cut from captions sorted by length): the costliest
+    # blocks start early and the short ones fill in at the end, so actors finish together
+    pending = [i for i in reversed(range(len(blocks))) if i not in done]
     if pending:
         # 1. one row per block of captions
         ds = ray.data.from_items(
@@ -466,7 +477,9 @@ def run_score_matrix(cfg) -> dict:
             fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "probe_audios": probe_audios, "corner_captions": corner_captions},
             batch_size=1,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors),
+            # one block at a time per actor: a block is seconds to minutes of work, and a
+            # block queued behind another on a busy actor would idle a free one
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors, max_tasks_in_flight_per_actor=1),
             num_gpus=cfg.actors.num_gpus,
             num_cpus=cfg.actors.num_cpus,
         )
@@ -516,6 +529,7 @@ def run_score_matrix(cfg) -> dict:
             "score_seconds": round(score_seconds, 2),
             "blocks": len(blocks),
             "blocks_skipped_on_resume": len(done),
+            "scorer": {"version": SCORER_VERSION, "precision": cfg.precision},
             "checkpoint": info,
         }
     )

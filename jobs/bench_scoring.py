@@ -2,7 +2,8 @@
 
 CPU (paper-size model, random weights):   python jobs/bench_scoring.py
 + top-10 rankings fp32 vs bf16, demo:     python jobs/bench_scoring.py --demo-ranks
-+ in-process scorer vs Ray score_matrix:  python jobs/bench_scoring.py --ray
++ in-process scorer vs Ray score_matrix:  python jobs/bench_scoring.py --only ray \
+      --ray-set 'audio_subsets=[development,validation,evaluation]'   (420 x 400 demo pairs)
 + kept/discarded variants of the scorer:  python jobs/bench_scoring.py --ablations
 GPU, Clotho evaluation size (target: 5.5M pairs in <= 10 s on an H200):
   python jobs/bench_scoring.py --device cuda --precision bf16 --audios 1045 --captions 5225 --rounds 1
@@ -333,7 +334,7 @@ def ray_vs_inprocess(args) -> None:
     from aacray.config import ScoreConfig, load_config
     from aacray.scoring import load_inputs
 
-    cfg = load_config(ScoreConfig, [args.ray_config])
+    cfg = load_config(ScoreConfig, [args.ray_config, *args.ray_set])
     model, tok, _ = ckpt_lib.load(cfg.checkpoint)
     audio, cids, tokens, _, _ = load_inputs(cfg.audio, cfg.audio_subsets, cfg.captions, cfg.caption_subsets, tok, model.cfg.max_len + 1)
     n_pairs = len(audio.audio_ids) * len(cids)
@@ -342,7 +343,7 @@ def ray_vs_inprocess(args) -> None:
           f"{len(cids)} = {n_pairs} pairs, {cfg.precision}, {cfg.actors.num_actors} actors x {cfg.actors.num_cpus} CPU")
     threads = torch.get_num_threads()
     inproc = {}
-    for n_threads in sorted({1, cpus}):
+    for n_threads in sorted({cpus} if args.ray_no_one_thread else {1, cpus}):
         torch.set_num_threads(n_threads)
         t = time.perf_counter()
         PairScorer(model, tok.pad_id, audio.frames, "cpu", cfg.precision, cfg.pairs_per_batch).loss_matrix(tokens)
@@ -350,7 +351,7 @@ def ray_vs_inprocess(args) -> None:
         print(f"in-process, {n_threads} thread(s), construction included: {inproc[n_threads]:.0f} pairs/s", flush=True)
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "jobs/score_matrix.py", args.ray_config, f"output={tmp}/score"]
+        cmd = [sys.executable, "jobs/score_matrix.py", args.ray_config, *args.ray_set, f"output={tmp}/score"]
         t = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t
@@ -358,8 +359,8 @@ def ray_vs_inprocess(args) -> None:
             m = json.load(f)
     print(f"score_matrix: pairs_per_s {m['pairs_per_s']} (score_seconds {m['score_seconds']}: actor start-up, "
           f"scoring, block reduction), whole job {wall:.1f} s")
-    print(f"Ray / in-process ({cpus} threads): {m['pairs_per_s'] / inproc[cpus]:.0%}; "
-          f"Ray / ({cpus} x in-process 1 thread): {m['pairs_per_s'] / (cpus * inproc[1]):.0%}")
+    print(f"Ray / in-process ({cpus} threads): {m['pairs_per_s'] / inproc[cpus]:.0%}"
+          + (f"; Ray / ({cpus} x in-process 1 thread): {m['pairs_per_s'] / (cpus * inproc[1]):.0%}" if 1 in inproc else ""))
 
 
 def main(argv: list[str]) -> None:
@@ -380,6 +381,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--demo-ranks", action="store_true", help="top-10 rankings fp32 vs --precision, demo")
     p.add_argument("--ray", action="store_true", help="in-process scorer vs jobs/score_matrix.py")
     p.add_argument("--ray-config", default="configs/score_demo.yaml")
+    p.add_argument(
+        "--ray-set", nargs="*", default=[], metavar="KEY=VALUE",
+        help="config overrides for --ray, e.g. 'audio_subsets=[development,validation,evaluation]' (a larger matrix)",
+    )
+    p.add_argument("--ray-no-one-thread", action="store_true", help="--ray: skip the 1-thread in-process run")
     p.add_argument("--only", choices=["rows", "demo", "ray"], help="run only this part")
     args = p.parse_args(argv)
     if args.threads:

@@ -125,7 +125,8 @@ def test_distributed_losses_equal_reference_loop(scored, trained, extracted):
 
 def test_block_size_and_actor_count_do_not_change_outputs(scored, trained, extracted, tmp_path):
     other = str(tmp_path / "score_b")
-    _score(trained, extracted, other, caption_block_size=37, actors={"num_actors": 1})
+    # 5 captions a block: many blocks hold none of the heatmap corner captions
+    _score(trained, extracted, other, caption_block_size=5, actors={"num_actors": 1})
     for name in ("caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw"):
         a = storage.read_table(scored, name).to_pandas()
         b = storage.read_table(other, name).to_pandas()
