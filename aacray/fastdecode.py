@@ -13,8 +13,8 @@ before a layer's cross-attention sees the audio):
 The maths is `nn.TransformerDecoderLayer`'s (post-norm, GELU, eval: no dropout) on the
 module's own weights, checked against the module in tests/test_fastscore.py. On CPU the
 attention is written out (matmul, additive -inf mask, softmax): with ~12 queries and ~31
-keys per head it is as fast as `F.scaled_dot_product_attention` there; on CUDA the fused
-kernel is used.
+keys per head it runs within this machine's noise of `F.scaled_dot_product_attention`
+(docs/benchmarks.md); on CUDA the fused kernel is used.
 
 Precision (`compute_dtype`):
 - float32: fp32 throughout.
@@ -22,9 +22,8 @@ Precision (`compute_dtype`):
   run in bf16 on bf16 copies of the weights; the residual stream, the layer norms, the
   classifier, the log-softmax and the loss stay fp32. The classifier stays fp32 because a
   trained model's logits are large: rounded to bf16's 8-bit mantissa they made most of
-  the error (demo: max |loss error| 1.0e-2 with a bf16 classifier, 2.6e-3 without, for
-  ~7% of the time at V = 5000; docs/benchmarks.md). fp32 attention on CPU cost 10% and
-  changed nothing measurable.
+  the error (demo checkpoint: max |loss error| 1.0e-2 with a bf16 classifier, 2.6e-3
+  without), for 7-12% of the time at V = 5000 (docs/benchmarks.md).
 
 Linear layers on CPU use oneDNN with weights pre-packed for the scorer's row count
 (`torch.ops.mkldnn`, what `torch.compile` uses for CPU linears) when that op exists, and
