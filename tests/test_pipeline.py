@@ -141,8 +141,8 @@ def test_block_size_and_actor_count_do_not_change_outputs(scored, trained, extra
 
 
 def test_resume_skips_finished_blocks(scored, trained, extracted, tmp_path):
-    """A run that dies at block 2 leaves blocks 0-1 done; the rerun skips them and the
-    outputs equal a clean run."""
+    """A run that dies at block 2 leaves the blocks scored before it done; the rerun skips
+    them and the outputs equal a clean run."""
     out = str(tmp_path / "resumed")
     kw = {"caption_block_size": 64, "actors": {"num_actors": 1}}
     with pytest.raises(Exception, match="injected fault at block 2"):
@@ -152,10 +152,10 @@ def test_resume_skips_finished_blocks(scored, trained, extracted, tmp_path):
         storage.read_table(out, "topk_t2a")
     _score(trained, extracted, out, **kw)
     m = json.loads(open(os.path.join(out, "metrics.json")).read())
-    # blocks of 64, 64, 64, 8 captions; 0 and 1 finished before the fault, 3 may have too
-    skipped = m["blocks_skipped_on_resume"]
-    assert m["blocks"] == 4 and skipped in (2, 3)
-    assert m["pairs_scored_this_run"] == 40 * (64 if skipped == 3 else 72)
+    # blocks 0-3 of 64, 64, 64, 8 captions sorted by length, run longest first (3, 2, 1, 0)
+    # one at a time by the single actor: block 3 finished before the fault at block 2
+    assert m["blocks"] == 4 and m["blocks_skipped_on_resume"] == 1
+    assert m["pairs_scored_this_run"] == 40 * (200 - 8)
     assert not os.path.exists(os.path.join(out, "_blocks"))
     for name in ("caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw", "scores"):
         a = storage.read_table(scored, name).to_pandas()
