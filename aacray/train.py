@@ -349,7 +349,7 @@ def _embedding_dataset(emb_uri: str, audio_ids: list[str]):
     fs, _ = storage.arrow_fs(emb_uri)
     paths = [storage.get_fs(f)[1] for f in files]
     keep = pa.array(sorted(audio_ids))
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["audio_id", "embedding"])
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["audio_id", "embedding"])
 
     def _filter(batch: pa.Table) -> pa.Table:
         return batch.filter(pc.is_in(batch.column("audio_id"), value_set=keep))
