@@ -485,6 +485,7 @@ def run_caption(cfg) -> dict:
 
     from aacray import checkpoint as ckpt_lib
     from aacray.config import dump_yaml, to_dict
+    from aacray.embeddings import duplicate_ids
     from aacray.runtime import init_ray
 
     t_start = time.time()
@@ -504,11 +505,9 @@ def run_caption(cfg) -> dict:
     bad = []
     if not audio_ids:
         bad.append(f"no audio in {cfg.audio} for subsets {cfg.subsets}")
-    seen, dups = set(), set()
-    for a in audio_ids:
-        (dups if a in seen else seen).add(a)
+    dups = duplicate_ids(audio_ids)
     if dups:
-        bad.append(f"duplicate audio ids: {sorted(dups)[:10]}")
+        bad.append(f"duplicate audio ids: {dups[:10]}")
     empty = [a for a, n in zip(audio_ids, ids_t.column("n_frames").to_pylist(), strict=True) if not n]
     if empty:
         bad.append(f"audios with no frames: {empty[:10]}")

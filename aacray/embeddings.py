@@ -96,6 +96,14 @@ class EmbeddingSet:
         )
 
 
+def duplicate_ids(ids) -> list[str]:
+    """The ids that occur more than once, sorted."""
+    seen, dups = set(), set()
+    for i in ids:
+        (dups if i in seen else seen).add(i)
+    return sorted(dups)
+
+
 class BadEmbeddingError(ValueError):
     """Embeddings that no stage should train on or score; the message lists the items."""
 

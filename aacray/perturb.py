@@ -309,10 +309,6 @@ class BadInputError(ValueError):
     """Inputs the perturbation job refuses before scoring; the message names the items."""
 
 
-def _truncate(ids: list[int], max_tokens: int, eos_id: int) -> list[int]:
-    return ids if len(ids) <= max_tokens else ids[: max_tokens - 1] + [eos_id]
-
-
 def run_perturb(cfg) -> dict:
     import ray
     import ray.data
@@ -320,8 +316,9 @@ def run_perturb(cfg) -> dict:
     from aacray import checkpoint as ckpt_lib
     from aacray import storage
     from aacray.config import dump_yaml, to_dict
-    from aacray.embeddings import check_embeddings, read_captions, read_embeddings
+    from aacray.embeddings import read_captions, read_embeddings
     from aacray.runtime import init_ray
+    from aacray.scoring import check_inputs, tokenize
 
     t_start = time.time()
     model, tok, info = ckpt_lib.load(cfg.checkpoint)
@@ -329,29 +326,14 @@ def run_perturb(cfg) -> dict:
     audio_pos_enc = bool(model.cfg.audio_pos_enc)
     del model
 
-    # 0. inputs, checked before anything runs
+    # 0. inputs, checked before anything runs (score_matrix's checks)
     audio = read_embeddings(cfg.audio, cfg.audio_subsets)
-    bad = [f"audio {a}: {why}" for a, why in check_embeddings(audio, "index")]
-    if not audio.audio_ids:
-        bad.append(f"the audio set {cfg.audio} (subsets {cfg.audio_subsets}) is empty")
-    table = read_captions(cfg.captions, cfg.caption_subsets)
-    cids = table.column("caption_id").to_pylist()
-    texts = table.column("text").to_pylist()
-    gts = table.column("audio_id").to_pylist()
-    if not cids:
-        bad.append(f"the caption set {cfg.captions} (subsets {cfg.caption_subsets}) is empty")
-    seen, dups = set(), set()
-    for c in cids:
-        (dups if c in seen else seen).add(c)
-    if dups:
-        bad.append(f"duplicate caption ids: {sorted(dups)[:10]}")
-    index = set(audio.audio_ids)
-    missing = [(c, a) for c, a in zip(cids, gts, strict=True) if a is not None and a not in index]
-    if missing:
-        bad.append(
-            f"{len(missing)} caption(s) whose audio is not in the audio set, e.g. {missing[:5]}: "
-            "select matching audio_subsets and caption_subsets"
-        )
+    cids, texts, gts, bad = check_inputs(
+        audio,
+        f"{cfg.audio} (subsets {cfg.audio_subsets})",
+        read_captions(cfg.captions, cfg.caption_subsets),
+        f"{cfg.captions} (subsets {cfg.caption_subsets})",
+    )
     if bad:
         raise BadInputError("perturb refused its inputs, nothing was scored:\n  " + "\n  ".join(bad))
     keep = [i for i, a in enumerate(gts) if a is not None]
@@ -368,7 +350,7 @@ def run_perturb(cfg) -> dict:
     pair_items: list[tuple[str, tuple[int, ...]]] = []
 
     def pair_id(aid: str, text: str) -> int:
-        key = (aid, tuple(_truncate(tok.encode(text), max_tokens, tok.eos_id)))
+        key = (aid, tuple(tokenize(tok, [text], max_tokens)[0]))
         if key not in pair_of:
             pair_of[key] = len(pair_items)
             pair_items.append(key)

@@ -86,6 +86,7 @@ from aacray.retrieval import (
     topk_select,
     topk_t2a,
 )
+from aacray.scoring import tokenize
 from aacray.text import normalize
 
 log = logging.getLogger("aacray.reindex")
@@ -471,17 +472,6 @@ def _embedding_set(table: pa.Table):
     for chunk in col.chunks:
         frames.extend(_chunk_frames(chunk, EMB_DIM))
     return EmbeddingSet(table.column("audio_id").to_pylist(), table.column("subset").to_pylist(), frames)
-
-
-def tokenize(tok, texts: list[str], max_tokens: int) -> list[list[int]]:
-    """score_matrix's tokenisation: bos .. eos, cut to max_tokens keeping eos."""
-    out = []
-    for t in texts:
-        ids = tok.encode(t)
-        if len(ids) > max_tokens:
-            ids = ids[: max_tokens - 1] + [tok.eos_id]
-        out.append(ids)
-    return out
 
 
 def draw_minmax_sample(audio_ids: list[str], size: int, seed: int) -> list[str]:

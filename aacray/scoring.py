@@ -32,7 +32,7 @@ import torch
 
 from aacray import storage
 from aacray.decoder import CaptionDecoder, pair_loss, pair_loss_memory
-from aacray.embeddings import check_embeddings, read_captions, read_embeddings
+from aacray.embeddings import check_embeddings, duplicate_ids, read_captions, read_embeddings
 from aacray.retrieval import (
     BlockResult,
     CaptionStats,
@@ -232,24 +232,21 @@ def reference_loss_matrix(model: CaptionDecoder, pad_id: int, frames: list[np.nd
 # --------------------------------------------------------------------------------------
 
 
-def load_inputs(audio_uri: str, audio_subsets, captions_uri: str, caption_subsets, tok: WordTokenizer, max_tokens: int):
-    """(audio EmbeddingSet, caption ids, token lists, ground-truth audio or None, texts).
-    Raises BadInputError naming the items, before any scoring."""
-    audio = read_embeddings(audio_uri, audio_subsets)
+def check_inputs(audio, audio_desc: str, table: pa.Table, captions_desc: str):
+    """(caption ids, texts, ground-truth audio or None, problems) of a caption table against
+    an audio index: bad embeddings, an empty index or caption set, duplicate caption ids,
+    captions whose ground-truth audio is not in the index. Shared by score_matrix and perturb."""
     bad = [f"audio {a}: {why}" for a, why in check_embeddings(audio, "index")]
     if not audio.audio_ids:
-        bad.append(f"the audio index {audio_uri} (subsets {audio_subsets}) is empty")
-    table = read_captions(captions_uri, caption_subsets)
+        bad.append(f"the audio index {audio_desc} is empty")
     cids = table.column("caption_id").to_pylist()
     texts = table.column("text").to_pylist()
     gts = table.column("audio_id").to_pylist()
     if not cids:
-        bad.append(f"the caption set {captions_uri} (subsets {caption_subsets}) is empty")
-    seen, dups = set(), set()
-    for c in cids:
-        (dups if c in seen else seen).add(c)
+        bad.append(f"the caption set {captions_desc} is empty")
+    dups = duplicate_ids(cids)
     if dups:
-        bad.append(f"duplicate caption ids: {sorted(dups)[:10]}")
+        bad.append(f"duplicate caption ids: {dups[:10]}")
     index = set(audio.audio_ids)
     missing = [(c, a) for c, a in zip(cids, gts, strict=True) if a is not None and a not in index]
     if missing:
@@ -257,18 +254,34 @@ def load_inputs(audio_uri: str, audio_subsets, captions_uri: str, caption_subset
             f"{len(missing)} caption(s) whose ground-truth audio is not in the index, e.g. "
             f"{missing[:5]}: add those audios to the index or select matching subsets"
         )
+    return cids, texts, gts, bad
+
+
+def tokenize(tok: WordTokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """The scorer's tokenisation: bos .. eos, cut to max_tokens keeping eos."""
+    out = []
+    for t in texts:
+        ids = tok.encode(t)
+        if len(ids) > max_tokens:
+            ids = ids[: max_tokens - 1] + [tok.eos_id]
+        out.append(ids)
+    return out
+
+
+def load_inputs(audio_uri: str, audio_subsets, captions_uri: str, caption_subsets, tok: WordTokenizer, max_tokens: int):
+    """(audio EmbeddingSet, caption ids, token lists, ground-truth audio or None, texts).
+    Raises BadInputError naming the items, before any scoring."""
+    audio = read_embeddings(audio_uri, audio_subsets)
+    table = read_captions(captions_uri, caption_subsets)
+    cids, texts, gts, bad = check_inputs(
+        audio, f"{audio_uri} (subsets {audio_subsets})", table, f"{captions_uri} (subsets {caption_subsets})"
+    )
     empty = [c for c, t in zip(cids, texts, strict=True) if not normalize(t or "")]
     if empty:
         bad.append(f"captions empty after normalisation: {empty[:10]}")
     if bad:
         raise BadInputError("score_matrix refused its inputs, nothing was scored:\n  " + "\n  ".join(bad))
-    tokens = []
-    for t in texts:
-        ids = tok.encode(t)
-        if len(ids) > max_tokens:
-            ids = ids[: max_tokens - 1] + [tok.eos_id]
-        tokens.append(ids)
-    return audio, cids, tokens, gts, texts
+    return audio, cids, tokenize(tok, texts, max_tokens), gts, texts
 
 
 # --------------------------------------------------------------------------------------
