@@ -333,7 +333,16 @@ class ScoreConfig:
     """Audios per decoder forward inside an actor (one caption x this many audios; memory
     knob). Outputs are bit-identical for any caption_block_size and actor count; changing
     this or `precision` changes float rounding (last bits) only."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "bf16-refined"] = "fp32"
+    """fp32: exact. bf16: faster, losses off by up to ~2e-3 of their value, so near-tied
+    neighbours in a top-k list may swap. bf16-refined: bf16 for every pair, then fp32 again
+    for the pairs that decide the top-k lists and caption min/max: fp32's rankings and
+    metrics (to fp32's own last-bit rounding) at close to bf16's speed on large indexes;
+    losses elsewhere (the `scores` table) stay bf16's. docs/benchmarks.md."""
+    refine_margin: float = 0.005
+    """bf16-refined: the assumed bound on |bf16 - fp32| loss error, as a fraction of the loss
+    (measured: up to 1.6e-3). Larger = more pairs re-scored; metrics.json reports the largest
+    error seen and warns when it exceeded this."""
     write_scores: bool = False
     """Also write the full `scores` table (one row per pair)."""
     plots: bool = True
@@ -345,6 +354,8 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if self.k < 1 or self.caption_block_size < 1 or self.pairs_per_batch < 1:
             raise ConfigError("k, caption_block_size and pairs_per_batch must be >= 1")
+        if not 0 < self.refine_margin < 1:
+            raise ConfigError(f"refine_margin must be in (0, 1), got {self.refine_margin}")
 
 
 @dataclass

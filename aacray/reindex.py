@@ -322,6 +322,7 @@ def _index_info(uri: str, manifest: dict) -> dict:
         "k": cfg.k,
         "pairs_per_batch": cfg.pairs_per_batch,
         "precision": cfg.precision,
+        "refine_margin": cfg.refine_margin if cfg.precision == "bf16-refined" else None,
         "base_audio": {"uri": cfg.audio, "subsets": cfg.audio_subsets},
         "base_captions": {"uri": cfg.captions, "subsets": cfg.caption_subsets},
         "base_digests": None,
@@ -507,7 +508,7 @@ class UnitScorer:
 
     def __init__(self, job: dict, device: str = "cpu"):
         from aacray import checkpoint as ckpt_lib
-        from aacray.scoring import PairScorer
+        from aacray.scoring import REFINE_MARGIN, BlockScorer
 
         model, tok, _ = ckpt_lib.load(job["checkpoint"], device)
         es = read_embeddings(job["base_audio"]["uri"], job["base_audio"]["subsets"])
@@ -521,7 +522,8 @@ class UnitScorer:
         new = set(job["new_audio_ids"])
         self.all_ids = np.array(ids, dtype=str)
         self.new_ids = np.array([a for a in ids if a in new], dtype=str)
-        mk = lambda fr: PairScorer(model, tok.pad_id, fr, device, job["precision"], job["pairs_per_batch"])  # noqa: E731
+        margin = job.get("refine_margin") or REFINE_MARGIN
+        mk = lambda fr: BlockScorer(model, tok.pad_id, fr, device, job["precision"], job["pairs_per_batch"], margin)  # noqa: E731
         self.scorer_all = mk(frames) if job["has_cap_units"] else None
         self.scorer_new = mk([f for a, f in zip(ids, frames, strict=True) if a in new]) if new else None
         pos = {a: i for i, a in enumerate(ids)}
@@ -534,10 +536,13 @@ class UnitScorer:
         t0 = time.time()
         cids = np.array(unit["caption_ids"], dtype=str)
         if unit["kind"] == "cap":
-            a_ids, L = self.all_ids, self.scorer_all.loss_matrix(unit["tokens"])
+            # bf16-refined: the refined pairs include the windows of the (estimated) min/max
+            a_ids, (L, refined) = self.all_ids, self.scorer_all.losses(unit["tokens"], self.k, self.sample_rows)
         else:
-            a_ids, L = self.new_ids, self.scorer_new.loss_matrix(unit["tokens"])
+            a_ids, (L, refined) = self.new_ids, self.scorer_new.losses(unit["tokens"], self.k)
         out = {
+            "rescored": refined["rescored"] if refined else 0,
+            "max_rel_err": refined["max_rel_err"] if refined else 0.0,
             "kind": unit["kind"],
             "t2a": topk_t2a(L, a_ids, cids, self.k),
             "a2t_raw": topk_a2t_raw(L, a_ids, cids, self.k),
@@ -748,6 +753,13 @@ def run_reindex(cfg) -> dict:
                 "stored losses. Re-run score_matrix with write_scores: true (a full N x M rescore, once), then "
                 "reindex. Adding captions alone needs no scores."
             )
+        if d_n and info["precision"] == "bf16-refined":
+            raise ReindexError(
+                f"{out} was scored with precision bf16-refined: its stored losses are fp32 only for the pairs of its "
+                "top-k lists and caption min/max, and adding audios rescales every caption's min-max scores from "
+                "those stored losses, which would then rank on bf16 values. Add captions alone, or re-run "
+                "score_matrix over the union of audios (precision fp32 to allow adding audios later)."
+            )
         if d_m:
             gts = [g for g in new_caps.column("audio_id").to_pylist() if g is not None]
             missing = sorted(set(gts) - set(all_ids))
@@ -804,6 +816,7 @@ def run_reindex(cfg) -> dict:
             "output": out,
             "checkpoint": info["checkpoint"],
             "precision": info["precision"],
+            "refine_margin": info.get("refine_margin"),
             "pairs_per_batch": info["pairs_per_batch"],
             "k": info["k"],
             "base_audio": info["base_audio"],
@@ -894,6 +907,13 @@ def run_reindex(cfg) -> dict:
             "minmax_recompute_seconds": round(minmax_seconds, 2),
             "minmax_estimated_captions": d_m if estimate else 0,
         }
+        if info["precision"] == "bf16-refined":
+            from aacray.scoring import REFINE_MARGIN, refine_summary
+
+            re_info["refine"] = refine_summary(
+                info.get("refine_margin") or REFINE_MARGIN, n_pairs, sum(r["rescored"] for r in results),
+                max(r["max_rel_err"] for r in results),
+            )
         metrics.update({"n_audios": n_total, "n_captions": m_total, "n_pairs": n_total * m_total,
                         "checkpoint": ck_info, "reindex": re_info})
         storage.write_json(storage.join(out, vdir, "metrics.json"), metrics)

@@ -162,6 +162,74 @@ class PairScorer:
                     out[self.order[a0:a1], j] = losses.cpu().numpy()
         return out
 
+    def loss_at(self, tokens: list[list[int]], audio_index, caption_index) -> np.ndarray:
+        """Losses (P,) float32 of the pairs (audio_index[p], tokens[caption_index[p]]) (audio
+        positions in the constructor's frames), as `loss_matrix` computes them, to the bit.
+
+        A pair runs as in `loss_matrix`: its caption's prefix computed alone, its audio
+        padded to the frame count of its fixed chunk. Pairs of captions with the same
+        length whose audios fall in the same chunk share forwards (one prefix per pair,
+        stacked); the rows of a forward do not mix. The BLAS kernels may still round a row
+        differently when the forward has another row count (a one-pair forward does on this
+        CPU, so a lone pair takes a neighbour along; seen otherwise: 1 pair in 1,600 off by
+        one ulp for a width-32 model, none at the paper's width), so the losses equal
+        `loss_matrix`'s to the last bit, not always in it. Captions with the same tokens get
+        the same bits (computed once), so duplicate captions tie exactly, as in
+        `loss_matrix`. The fp32 half of precision "bf16-refined" (`refine_block`).
+        """
+        from aacray.fastdecode import Prefix
+
+        audio_index = np.asarray(audio_index, dtype=np.int64)
+        caption_index = np.asarray(caption_index, dtype=np.int64)
+        if audio_index.size == 0:
+            return np.empty(0, dtype=np.float32)
+        # one computation per distinct (audio, token sequence)
+        first: dict[tuple, int] = {}
+        canon = np.array([first.setdefault(tuple(tokens[c]), int(c)) for c in caption_index.tolist()], dtype=np.int64)
+        pairs, back = np.unique(np.stack([audio_index, canon], axis=1), axis=0, return_inverse=True)
+        if pairs.shape[0] < audio_index.size:
+            return self.loss_at(tokens, pairs[:, 0], pairs[:, 1])[back.reshape(-1)]
+        out = np.empty(audio_index.size, dtype=np.float32)
+        rank_of = np.empty(self.n_audios, dtype=np.int64)
+        rank_of[self.order] = np.arange(self.n_audios)
+        ranks = rank_of[audio_index]
+        T_of = np.array([len(tokens[c]) - 1 for c in caption_index], dtype=np.int64)
+        chunk_of = np.empty_like(ranks)
+        for T in np.unique(T_of):
+            sel = T_of == T
+            starts = np.array([c[0] for c in self._chunks(int(T))])
+            chunk_of[sel] = np.searchsorted(starts, ranks[sel], side="right") - 1
+        prefixes: dict[int, Prefix] = {}
+        with torch.inference_mode():
+
+            def prefix(c: int) -> Prefix:
+                if c not in prefixes:
+                    tok = torch.tensor(tokens[c], dtype=torch.long, device=self.device)[None]
+                    prefixes[c] = self.fast.prefix(tok[:, :-1])
+                return prefixes[c]
+
+            order = np.lexsort((caption_index, ranks, chunk_of, T_of))
+            key = np.stack([T_of[order], chunk_of[order]], axis=1)
+            bounds = np.flatnonzero((key[1:] != key[:-1]).any(axis=1)) + 1
+            for grp in np.split(order, bounds):
+                T = int(T_of[grp[0]])
+                a0, a1, S, padded = self._chunks(T)[int(chunk_of[grp[0]])]
+                per = a1 - a0 if self.max_rows is None else max(1, self.max_rows // T)
+                for g0 in range(0, grp.size, per):
+                    sel = grp[g0 : g0 + per]
+                    rows, caps = ranks[sel], caption_index[sel]
+                    if sel.size == 1 and a1 - a0 > 1:  # a neighbour along (its loss is dropped)
+                        rows = np.append(rows, rows[0] + 1 if rows[0] + 1 < a1 else rows[0] - 1)
+                        caps = np.append(caps, caps[0])
+                    ps = [prefix(int(c)) for c in caps]
+                    pre = Prefix(torch.cat([p.x for p in ps]), torch.cat([p.q for p in ps]))
+                    target = torch.tensor([tokens[int(c)][1:] for c in caps], dtype=torch.long, device=self.device)
+                    r = torch.as_tensor(rows, device=self.device)
+                    mask = self.mask[r, :S] if padded else None
+                    losses = self.fast.losses(pre, self._kv(r, S), mask, target).cpu().numpy()
+                    out[sel] = losses[: sel.size]
+        return out
+
     def loss_pairs(self, audio_index: list[int], tokens: list[list[int]]) -> np.ndarray:
         """Losses (P,) float32 of listed pairs: audio_index[p] (position in the frames given
         to the constructor) with tokens[p]. Same numerics as `loss_matrix` (the same fast
@@ -213,6 +281,135 @@ class PairScorer:
                     )
                     out[self.order[a0:a1], j] = losses.float().cpu().numpy()
         return out
+
+
+# --------------------------------------------------------------------------------------
+# bf16 screening, fp32 decisions ("bf16-refined")
+# --------------------------------------------------------------------------------------
+
+REFINE_MARGIN = 0.005
+"""Default bound on bf16's loss error, relative to the loss (measured on the demo checkpoint:
+at most 1.6e-3; docs/benchmarks.md)."""
+
+
+def _window(P: np.ndarray, D: np.ndarray, k: int) -> np.ndarray:
+    """Scores P (Q, C) known to within +-D (Q, C) -> bool (Q, C): per query (row), every
+    candidate that could be among its k smallest true scores, i.e. whose lower bound P - D is
+    at most the k-th smallest upper bound P + D of its row. The true top k of a row is inside
+    (the k-th smallest true score is at most the k-th smallest upper bound), and a candidate
+    outside lies strictly above every candidate of the true top k."""
+    k = min(k, P.shape[1])
+    if k < 1 or P.size == 0:
+        return np.zeros(P.shape, dtype=bool)
+    kth = np.partition(P + D, k - 1, axis=1)[:, k - 1 : k]
+    return (P - D) <= kth
+
+
+def refine_block(
+    L: np.ndarray,
+    rescore,
+    k: int,
+    margin: float = REFINE_MARGIN,
+    stat_rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict]:
+    """bf16 losses of a block (N audios x m captions) -> the block with fp32 losses on every
+    pair that decides a top-k list or a caption's min/max, so that `score_block` gives the
+    lists fp32 gives (up to fp32's own last-bit rounding), while most pairs stay bf16.
+
+    L (N, m) bf16-scored losses; rescore(rows, cols) -> fp32 losses of the pairs (rows[i],
+    cols[i]) (int arrays); margin: the assumed bound on |bf16 - fp32| as a fraction of the
+    loss. stat_rows: the audios the caption min/max run over (reindex's estimated min/max),
+    None for all N. Two rescoring rounds:
+      1. per caption: its T2A window (`_window` with k), and the windows of its min and max
+         over stat_rows; then min and max are exact, and so are the min-max spans;
+      2. per audio: its raw A2T window and its min-max A2T window over the block's captions
+         (min-max bounds: D / span), the pairs of round 1 counting as exact (D = 0).
+    A caption whose min equals its max (span 0) has undefined min-max bounds: its pairs
+    count as candidates of every min-max window.
+
+    Returns (refined L float64, info): info = {pairs, rescored, max_rel_err} where
+    max_rel_err is the largest |bf16 - fp32| / |fp32| seen on the rescored pairs: the
+    guarantee assumes it stays below margin everywhere.
+    """
+    if margin <= 0:
+        raise ValueError(f"margin must be > 0, got {margin}")
+    L = np.array(L, dtype=np.float64)
+    N, m = L.shape
+    D = margin * np.abs(L)
+    seen = [0.0]
+    n_rescored = [0]
+
+    def fix(mask: np.ndarray) -> None:
+        rows, cols = np.nonzero(mask & (D > 0))
+        if rows.size == 0:
+            return
+        exact = np.asarray(rescore(rows, cols), dtype=np.float64)
+        assert exact.shape == rows.shape, f"rescore returned {exact.shape}, expected {rows.shape}"
+        rel = np.abs(L[rows, cols] - exact) / np.maximum(np.abs(exact), 1e-12)
+        seen[0] = max(seen[0], float(rel.max()))
+        n_rescored[0] += rows.size
+        L[rows, cols] = exact
+        D[rows, cols] = 0.0
+
+    rows_s = np.arange(N) if stat_rows is None else np.asarray(stat_rows, dtype=np.int64)
+    Ls, Ds = L[rows_s], D[rows_s]
+    t2a = _window(L.T, D.T, k).T
+    lo = np.zeros_like(t2a)
+    hi = np.zeros_like(t2a)
+    lo[rows_s] = _window(Ls.T, Ds.T, 1).T
+    hi[rows_s] = (Ls + Ds) >= (Ls - Ds).max(axis=0, keepdims=True)
+    fix(t2a | lo | hi)
+    mn, mx = L[rows_s].min(axis=0), L[rows_s].max(axis=0)
+    span = mx - mn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        S = np.where(span > 0, (L - mn) / np.where(span > 0, span, 1.0), 0.0)
+        DS = np.where(span > 0, D / np.where(span > 0, span, 1.0), np.where(D > 0, np.inf, 0.0))
+    fix(_window(L, D, k) | _window(S, DS, k))
+    return L, {"pairs": int(N * m), "rescored": n_rescored[0], "max_rel_err": seen[0]}
+
+
+class BlockScorer:
+    """The losses score_matrix and reindex rank, for one fixed audio index.
+
+    precision "fp32" or "bf16": `PairScorer` at that precision. "bf16-refined": a bf16
+    `PairScorer` screens every pair and an fp32 one re-scores the pairs that decide the
+    block's top-k lists and caption min/max (`refine_block`): the rankings of fp32 at close
+    to bf16's speed once the index is large (docs/benchmarks.md).
+    """
+
+    def __init__(self, model, pad_id, frames, device="cpu", precision="fp32", pairs_per_batch=4096, margin=REFINE_MARGIN):
+        self.refined = precision == "bf16-refined"
+        self.margin = margin
+        self.scorer = PairScorer(model, pad_id, frames, device, "bf16" if self.refined else precision, pairs_per_batch)
+        self.exact = PairScorer(model, pad_id, frames, device, "fp32", pairs_per_batch) if self.refined else None
+
+    def losses(self, tokens: list[list[int]], k: int, stat_rows=None) -> tuple[np.ndarray, dict | None]:
+        """Token lists of m captions -> (losses (N, m), refine info or None)."""
+        L = self.scorer.loss_matrix(tokens)
+        if not self.refined:
+            return L, None
+
+        def rescore(rows, cols):
+            return self.exact.loss_at(tokens, rows, cols)
+
+        return refine_block(L, rescore, k, self.margin, stat_rows)
+
+
+def refine_summary(margin: float, pairs: int, rescored: int, max_rel_err: float) -> dict:
+    """metrics.json's "refine" entry; logs a warning when bf16's error exceeded the margin."""
+    if max_rel_err > margin:
+        log.warning(
+            "bf16-refined: a rescored pair's bf16 loss was off by %.2e of its fp32 loss, above refine_margin "
+            "%.2e: the top-k lists may differ from fp32's. Raise refine_margin (or use precision fp32).",
+            max_rel_err, margin,
+        )
+    return {
+        "margin": margin,
+        "rescored_pairs": int(rescored),
+        "rescored_share": round(rescored / max(pairs, 1), 5),
+        "max_rel_err_seen": float(f"{max_rel_err:.3e}"),
+        "within_margin": bool(max_rel_err <= margin),
+    }
 
 
 def reference_loss_matrix(model: CaptionDecoder, pad_id: int, frames: list[np.ndarray], tokens: list[list[int]]) -> np.ndarray:
@@ -315,7 +512,9 @@ class ScoreActor:
         model, tok, _ = ckpt_lib.load(cfg.checkpoint, device)
         audio = read_embeddings(cfg.audio, cfg.audio_subsets)
         self.audio_ids = audio.audio_ids
-        self.scorer = PairScorer(model, tok.pad_id, audio.frames, device, cfg.precision, cfg.pairs_per_batch)
+        self.scorer = BlockScorer(
+            model, tok.pad_id, audio.frames, device, cfg.precision, cfg.pairs_per_batch, cfg.refine_margin
+        )
         self.k = cfg.k
         self.scores_uri = storage.join(cfg.output, "scores") if cfg.write_scores else None
         pos = {a: i for i, a in enumerate(self.audio_ids)}
@@ -343,7 +542,7 @@ class ScoreActor:
     def score(self, cids: list[str], tokens: list[list[int]]) -> bytes:
         """One block: losses (N, m) -> stats, top-k lists, plot rows (a one-row Parquet)."""
         t0 = time.time()
-        L = self.scorer.loss_matrix(tokens)  # (N, m)
+        L, refined = self.scorer.losses(tokens, self.k)  # (N, m)
         res = score_block(L, self.audio_ids, cids, self.k)
         if self.scores_uri:
             key = hashlib.sha1("\x00".join(cids).encode()).hexdigest()[:20]
@@ -383,6 +582,8 @@ class ScoreActor:
                 "probe": [_ipc(probe)],
                 "corner": [_ipc(corner)],
                 "n_pairs": [L.size],
+                "rescored": [refined["rescored"] if refined else 0],
+                "max_rel_err": [refined["max_rel_err"] if refined else 0.0],
                 "seconds": [time.time() - t0],
             }
         )
@@ -455,7 +656,8 @@ def run_score_matrix(cfg) -> dict:
     fingerprint = hashlib.sha256(
         repr(
             (SCORER_VERSION, info, audio.audio_ids, [f.shape for f in audio.frames], cids, tokens, cfg.k, cfg.precision,
-             cfg.pairs_per_batch, bs, cfg.write_scores, probe_audios, corner_captions)
+             cfg.pairs_per_batch, bs, cfg.write_scores, probe_audios, corner_captions,
+             cfg.refine_margin if cfg.precision == "bf16-refined" else None)
         ).encode()
     ).hexdigest()
     blocks_uri = storage.join(out, BLOCKS)
@@ -505,7 +707,7 @@ def run_score_matrix(cfg) -> dict:
     stats_parts, t2a_parts, probe_parts, corner_parts = [], [], [], []
     raw = _A2TMerger("a2t_raw", cfg.k, n)
     mm = _A2TMerger("a2t_minmax", cfg.k, n)
-    n_pairs = 0
+    n_pairs, rescored, max_rel_err = 0, 0, 0.0
     for i in range(len(blocks)):
         fs, path = storage.get_fs(block_path(blocks_uri, i))
         with fs.open(path, "rb") as f:
@@ -517,6 +719,8 @@ def run_score_matrix(cfg) -> dict:
         probe_parts.append(_from_ipc(row["probe"]))
         corner_parts.append(_from_ipc(row["corner"]))
         n_pairs += int(row["n_pairs"])
+        rescored += int(row["rescored"])
+        max_rel_err = max(max_rel_err, float(row["max_rel_err"]))
     score_seconds = time.time() - t_score
     if n_pairs != n * m:
         raise RuntimeError(f"scored {n_pairs} pairs, expected {n} x {m} = {n * m}")
@@ -546,6 +750,8 @@ def run_score_matrix(cfg) -> dict:
             "checkpoint": info,
         }
     )
+    if cfg.precision == "bf16-refined":
+        metrics["scorer"]["refine"] = refine_summary(cfg.refine_margin, n_pairs, rescored, max_rel_err)
     storage.write_json(storage.join(out, "metrics.json"), metrics)
     plots = []
     if cfg.plots:

@@ -256,18 +256,17 @@ def _min_gap(scores: np.ndarray, k: int = 10) -> float:
 
 
 def demo_ranks(args, device) -> None:
+    """Rankings of the demo checkpoint at fp32, bf16 and bf16-refined on an extract output
+    (--demo-extract, --demo-subsets): lists identical to fp32's, metrics, pairs/s. Scored as
+    score_matrix scores: caption blocks of --demo-block captions sorted by length, each block
+    against every audio (construction included in the times)."""
     from aacray import checkpoint as ckpt_lib
     from aacray import storage
     from aacray.embeddings import read_captions, read_embeddings
-    from aacray.retrieval import (
-        minmax_scale,
-        rank_a2t_minmax,
-        rank_a2t_raw,
-        rank_t2a,
-        retrieval_metrics,
-    )
+    from aacray.retrieval import merge_blocks, minmax_scale, retrieval_metrics, score_block
+    from aacray.scoring import BlockScorer, tokenize
 
-    tr, ex = "runs/demo/train_decoder", "runs/demo/extract_embeddings"
+    tr, ex = args.demo_checkpoint, args.demo_extract
     if not (
         storage.exists(storage.join(tr, "_MANIFEST.json"))
         and storage.exists(storage.join(ex, "_MANIFEST.json"))
@@ -275,53 +274,61 @@ def demo_ranks(args, device) -> None:
         print(f"\n--demo-ranks: {tr} or {ex} has no manifest yet; skipped")
         return
     model, tok, _ = ckpt_lib.load(tr, device)
-    es = read_embeddings(ex, ["evaluation"])
-    caps = read_captions(ex, ["evaluation"])
+    es = read_embeddings(ex, args.demo_subsets)
+    caps = read_captions(ex, args.demo_subsets)
     cids = caps.column("caption_id").to_pylist()
     gt = dict(zip(cids, caps.column("audio_id").to_pylist(), strict=True))
-    tokens = [tok.encode(t) for t in caps.column("text").to_pylist()]
+    tokens = tokenize(tok, caps.column("text").to_pylist(), model.cfg.max_len + 1)
+    order = sorted(range(len(cids)), key=lambda j: (len(tokens[j]), cids[j]))
+    blocks = [order[i : i + args.demo_block] for i in range(0, len(order), args.demo_block)]
+    n_pairs = len(es.audio_ids) * len(cids)
     print(
-        f"\nDemo evaluation split: {len(es.audio_ids)} audios x {len(cids)} captions, "
-        f"V={model.vocab_size}, {torch.get_num_threads()} threads"
+        f"\nRankings on {ex} {args.demo_subsets}: {len(es.audio_ids)} audios x {len(cids)} captions = {n_pairs} pairs, "
+        f"V={model.vocab_size}, blocks of {args.demo_block} captions, {torch.get_num_threads()} threads"
     )
-    L, secs = {}, {}
-    for precision in ("fp32", args.precision):
+    L, res, secs, share = {}, {}, {}, {}
+    for precision in ("fp32", "bf16", "bf16-refined"):
         t = time.perf_counter()
-        sc = PairScorer(model, tok.pad_id, es.frames, device, precision, args.pairs_per_batch)
-        L[precision] = sc.loss_matrix(tokens).astype(np.float64)
-        secs[precision] = time.perf_counter() - t
-    if args.precision == "bf16":  # the plain module under autocast: what bf16 gave before
-        sc = PairScorer(model, tok.pad_id, es.frames, device, "bf16", args.pairs_per_batch)
-        L["bf16 autocast (module)"] = sc._module_loss_matrix(tokens).astype(np.float64)
-    Lb = L["fp32"]
-    print(f"PairScorer fp32 {Lb.size / secs['fp32']:.0f} pairs/s, {args.precision} "
-          f"{Lb.size / secs[args.precision]:.0f} pairs/s (construction included)")
-    lo, hi = Lb.min(axis=0), Lb.max(axis=0)
+        sc = BlockScorer(model, tok.pad_id, es.frames, device, precision, args.pairs_per_batch, args.refine_margin)
+        Lp, parts, rescored = np.empty((len(es.audio_ids), len(cids))), [], 0
+        for b in blocks:
+            Lb, info = sc.losses([tokens[j] for j in b], 10)
+            Lp[:, b] = Lb
+            rescored += info["rescored"] if info else 0
+            parts.append(score_block(Lb, es.audio_ids, [cids[j] for j in b], 10))
+        res[precision] = merge_blocks(parts, 10)
+        secs[precision], L[precision], share[precision] = time.perf_counter() - t, Lp, rescored / n_pairs
+    Lf = L["fp32"]
+    lo, hi = Lf.min(axis=0), Lf.max(axis=0)
     gaps = {
-        "t2a": np.array([_min_gap(Lb[:, j]) for j in range(Lb.shape[1])]),
-        "a2t_raw": np.array([_min_gap(Lb[i]) for i in range(Lb.shape[0])]),
-        "a2t_minmax": np.array([_min_gap(r) for r in minmax_scale(Lb, lo, hi)]),
+        "t2a": np.array([_min_gap(Lf[:, j]) for j in range(Lf.shape[1])]),
+        "a2t_raw": np.array([_min_gap(Lf[i]) for i in range(Lf.shape[0])]),
+        "a2t_minmax": np.array([_min_gap(r) for r in minmax_scale(Lf, lo, hi)]),
     }
-    fns = {"t2a": rank_t2a, "a2t_raw": rank_a2t_raw, "a2t_minmax": rank_a2t_minmax}
-    ref = {k: fn(Lb, es.audio_ids, cids, 10) for k, fn in fns.items()}
-    m_ref = retrieval_metrics(ref["t2a"], ref["a2t_raw"], ref["a2t_minmax"], gt)
-    for name, Lc in L.items():
+    kinds = ("t2a", "a2t_raw", "a2t_minmax")
+    ref = res["fp32"]
+    m_ref = retrieval_metrics(ref.t2a, ref.a2t_raw, ref.a2t_minmax, gt)
+    for name in ("fp32", "bf16", "bf16-refined"):
+        line = f"{name:>13}: {n_pairs / secs[name]:.0f} pairs/s ({n_pairs / secs[name] / (n_pairs / secs['fp32']):.2f}x fp32)"
+        if name == "bf16-refined":
+            line += f", {share[name]:.1%} of pairs re-scored in fp32"
+        print(line)
         if name == "fp32":
             continue
-        err = np.abs(Lc - Lb).max()
-        got = {k: fn(Lc, es.audio_ids, cids, 10) for k, fn in fns.items()}
-        print(f"{name}: max |loss - fp32| = {err:.1e}")
-        for k in fns:
-            a, b = ref[k].lists(), got[k].lists()
+        got = res[name]
+        print(f"    max |loss - fp32| over all pairs {np.abs(L[name] - Lf).max():.1e}")
+        for k in kinds:
+            a, b = getattr(ref, k).lists(), getattr(got, k).lists()
             differ = [q for q in a if a[q] != b[q]]
-            near = ""
-            if k != "a2t_minmax":  # (gaps there are in min-max units)
-                near = f"; {int((gaps[k] < 2 * err).sum())} hold a fp32 gap < 2 x that error among their 11 best"
-            print(f"  top-10 {k}: {len(a) - len(differ)}/{len(a)} lists identical{near}")
-        m = retrieval_metrics(got["t2a"], got["a2t_raw"], got["a2t_minmax"], gt)
-        for k in fns:
-            cells = [f"{r} {m_ref[k][r]:.4f} -> {m[k][r]:.4f}" for r in m_ref[k] if r != "n_queries"]
-            print(f"  {k}: " + ", ".join(cells))
+            sa, sb = getattr(ref, k), getattr(got, k)
+            same_vals = np.array_equal(sa.score, sb.score) and np.array_equal(sa.loss, sb.loss)
+            print(f"    top-10 {k}: {len(a) - len(differ)}/{len(a)} lists identical"
+                  + ("; scores bit-identical" if same_vals else ""))
+        m = retrieval_metrics(got.t2a, got.a2t_raw, got.a2t_minmax, gt)
+        for k in kinds:
+            cells = [f"{r} {m_ref[k][r]:.4f}" + ("" if m[k][r] == m_ref[k][r] else f" -> {m[k][r]:.4f}")
+                     for r in m_ref[k] if r != "n_queries"]
+            print(f"    {k}: " + ", ".join(cells))
     for k, g in gaps.items():
         q = np.quantile(g[np.isfinite(g)], [0.1, 0.5])
         unit = "min-max units" if k == "a2t_minmax" else "loss"
@@ -378,7 +385,12 @@ def main(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablations", action="store_true", help="also time the scorer variants")
-    p.add_argument("--demo-ranks", action="store_true", help="top-10 rankings fp32 vs --precision, demo")
+    p.add_argument("--demo-ranks", action="store_true", help="top-10 rankings fp32 vs bf16 vs bf16-refined, demo")
+    p.add_argument("--demo-checkpoint", default="runs/demo/train_decoder")
+    p.add_argument("--demo-extract", default="runs/demo/extract_embeddings", help="--demo-ranks: audios and captions")
+    p.add_argument("--demo-subsets", nargs="*", default=["evaluation"])
+    p.add_argument("--demo-block", type=int, default=256, help="--demo-ranks: captions per block (ScoreConfig default)")
+    p.add_argument("--refine-margin", type=float, default=0.005, help="bf16-refined (ScoreConfig default)")
     p.add_argument("--ray", action="store_true", help="in-process scorer vs jobs/score_matrix.py")
     p.add_argument("--ray-config", default="configs/score_demo.yaml")
     p.add_argument(

@@ -4,7 +4,10 @@
   sizes, padded frames, captions of different lengths, the audio positional encoding);
 - bf16 within a loose tolerance;
 - a caption's losses do not depend, to the bit, on the other captions of the call (the
-  property score_matrix's block-size / actor-count invariance rests on).
+  property score_matrix's block-size / actor-count invariance rests on);
+- precision "bf16-refined" (`refine_block`, `PairScorer.loss_at`): the top-k lists and
+  caption stats of fp32, values to the bit, on synthetic matrices with ties and near-ties
+  and on a real model.
 """
 
 import numpy as np
@@ -13,7 +16,8 @@ import torch
 
 from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss_memory
 from aacray.fastdecode import FastDecoder, pair_flops
-from aacray.scoring import PairScorer, reference_loss_matrix
+from aacray.retrieval import score_block
+from aacray.scoring import BlockScorer, PairScorer, reference_loss_matrix, refine_block
 
 PAD, BOS, EOS = 0, 1, 2
 TINY = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=32)
@@ -147,3 +151,118 @@ def test_cuda_equals_reference_loop(precision):
     ref = reference_loss_matrix(model, PAD, frames, tokens)
     got = PairScorer(model, PAD, frames, "cuda", precision, pairs_per_batch=4).loss_matrix(tokens)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 if precision == "fp32" else 3e-2)
+
+
+# ----------------------------------------------------------------------------- bf16-refined
+
+
+def _same_block(a, b, rtol: float = 0.0) -> None:
+    """Two BlockResults: equal ids and ranks, stats and list values equal (within rtol)."""
+    for f in ("caption_id", "n_audios"):
+        assert np.array_equal(getattr(a.stats, f), getattr(b.stats, f)), f"stats.{f}"
+    for f in ("loss_min", "loss_max"):
+        np.testing.assert_allclose(getattr(a.stats, f), getattr(b.stats, f), rtol=rtol, atol=0, err_msg=f)
+    for kind in ("t2a", "a2t_raw", "a2t_minmax"):
+        x, y = getattr(a, kind), getattr(b, kind)
+        for f in ("query_id", "rank", "cand_id"):
+            assert np.array_equal(getattr(x, f), getattr(y, f)), f"{kind}.{f}"
+        for f in ("score", "loss"):
+            np.testing.assert_allclose(getattr(x, f), getattr(y, f), rtol=rtol, atol=rtol, err_msg=f"{kind}.{f}")
+
+
+def _losses_with_ties(rng, n, m):
+    """fp32-like losses with duplicate captions (exact ties) and near-ties (1e-6 apart)."""
+    L = rng.uniform(0.5, 4.0, (n, m)).astype(np.float32)
+    L[:, 1] = L[:, 0]  # a duplicated caption
+    L[3] = L[2] + np.float32(1e-6)  # an audio nearly tied with another everywhere
+    return L.astype(np.float64)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_refine_block_gives_exact_lists(seed):
+    """bf16 errors up to 0.9 x margin: the refined block ranks exactly like the true losses
+    (whichever pairs were re-scored), and re-scores far fewer pairs than the block holds."""
+    rng = np.random.default_rng(seed)
+    n, m, k, margin = 60, 90, 5, 0.004
+    Lf = _losses_with_ties(rng, n, m)
+    Lb = (Lf * (1 + 0.9 * margin * rng.uniform(-1, 1, Lf.shape))).astype(np.float32)
+    Lb[:, 1] = Lb[:, 0]  # a duplicated caption is scored identically in bf16 too
+    calls = []
+
+    def rescore(rows, cols):
+        calls.append(rows.size)
+        return Lf[rows, cols]
+
+    R, info = refine_block(Lb, rescore, k, margin)
+    a_ids = [f"a{i:03d}" for i in range(n)]
+    c_ids = [f"c{j:03d}" for j in range(m)]
+    _same_block(score_block(R, a_ids, c_ids, k), score_block(Lf, a_ids, c_ids, k))
+    assert info["rescored"] == sum(calls) and len(calls) == 2
+    assert 0 < info["rescored"] < 0.5 * n * m
+    assert 0 < info["max_rel_err"] <= 0.9 * margin * 1.001
+    # without refinement the same bf16 block does not give the exact lists: the test has teeth
+    with pytest.raises(AssertionError):
+        _same_block(score_block(Lb.astype(np.float64), a_ids, c_ids, k), score_block(Lf, a_ids, c_ids, k))
+
+
+def test_refine_block_with_estimated_minmax_and_an_error_too_large():
+    """stat_rows (reindex's sampled min/max): min/max over those rows are exact, and the
+    min-max lists equal a dense reference under those stats. An error above the margin is
+    reported in max_rel_err (metrics.json then warns)."""
+    rng = np.random.default_rng(7)
+    n, m, k, margin = 50, 40, 4, 0.004
+    Lf = _losses_with_ties(rng, n, m)
+    Lb = Lf * (1 + 0.9 * margin * rng.uniform(-1, 1, Lf.shape))
+    rows = np.array([0, 5, 9, 20, 33, 41])
+    R, _ = refine_block(Lb, lambda r, c: Lf[r, c], k, margin, stat_rows=rows)
+    mn, mx = Lf[rows].min(0), Lf[rows].max(0)
+    assert np.array_equal(R[rows].min(0), mn) and np.array_equal(R[rows].max(0), mx)
+    S_true, S_got = (Lf - mn) / (mx - mn), (R - mn) / (mx - mn)
+    c_rank = np.broadcast_to(np.arange(m), (n, m))
+    for a in range(n):  # (score, loss, caption id) ascending, top k
+        exp = np.lexsort((c_rank[a], Lf[a], S_true[a]))[:k]
+        got = np.lexsort((c_rank[a], R[a], S_got[a]))[:k]
+        assert got.tolist() == exp.tolist() and np.array_equal(S_got[a, got], S_true[a, exp])
+    Lbad = Lf * (1 + 3 * margin * rng.uniform(-1, 1, Lf.shape))
+    _, info = refine_block(Lbad, lambda r, c: Lf[r, c], k, margin)
+    assert info["max_rel_err"] > margin
+
+
+@pytest.mark.parametrize(("cfg_kw", "vocab"), [(TINY, 30), (PAPERISH, 300)], ids=["tiny", "paperish"])
+def test_loss_at_is_loss_matrix(cfg_kw, vocab):
+    """The fp32 re-scoring path gives each pair loss_matrix's loss, to the last bit (the
+    kernels may round a row differently in a forward of another row count), whatever pairs
+    are asked for alongside, lone audios in a chunk included; duplicate captions tie exactly."""
+    model, frames, tokens = make(cfg_kw, vocab, n_audios=17, n_captions=7, seed=5)
+    tokens[6] = list(tokens[4])  # a duplicate caption
+    scorer = PairScorer(model, PAD, frames, "cpu", "fp32", pairs_per_batch=6)
+    full = scorer.loss_matrix(tokens)
+    assert np.array_equal(full[:, 6], full[:, 4])
+    rng = np.random.default_rng(0)
+    same = total = 0
+    for size in (1, 2, 5, 30, 119):
+        flat = rng.choice(17 * 7, size, replace=False)
+        rows, cols = np.divmod(flat, 7)
+        got = scorer.loss_at(tokens, rows, cols)
+        np.testing.assert_allclose(got, full[rows, cols], rtol=1e-6, atol=0)
+        same, total = same + int((got == full[rows, cols]).sum()), total + size
+    assert same >= 0.95 * total, f"only {same} of {total} pairs to the bit"
+    rows = np.arange(17)
+    a, b = scorer.loss_at(tokens, rows, np.full(17, 4)), scorer.loss_at(tokens, rows, np.full(17, 6))
+    both = scorer.loss_at(tokens, np.r_[rows, rows], np.r_[np.full(17, 4), np.full(17, 6)])
+    assert np.array_equal(a, b) and np.array_equal(both, np.r_[a, a])
+
+
+def test_bf16_refined_ranks_like_fp32():
+    """A real (random-weight) decoder: BlockScorer bf16-refined gives fp32's stats and top-k
+    lists (values to fp32's last bit), while plain bf16 does not; fewer pairs re-scored than
+    scored."""
+    model, frames, tokens = make(PAPERISH, 300, n_audios=40, n_captions=30, seed=6)
+    a_ids = [f"a{i:02d}" for i in range(40)]
+    c_ids = [f"c{j:02d}" for j in range(30)]
+    ref = score_block(BlockScorer(model, PAD, frames, "cpu", "fp32").losses(tokens, 5)[0], a_ids, c_ids, 5)
+    L, info = BlockScorer(model, PAD, frames, "cpu", "bf16-refined").losses(tokens, 5)
+    _same_block(score_block(L, a_ids, c_ids, 5), ref, rtol=1e-6)
+    assert 0 < info["rescored"] < 40 * 30 and info["max_rel_err"] < 0.005
+    Lb, none = BlockScorer(model, PAD, frames, "cpu", "bf16").losses(tokens, 5)
+    assert none is None and not np.array_equal(score_block(Lb, a_ids, c_ids, 5).t2a.loss, ref.t2a.loss)

@@ -165,6 +165,34 @@ def test_resume_skips_finished_blocks(scored, trained, extracted, tmp_path):
         assert a.equals(b), name
 
 
+def test_bf16_refined_gives_fp32_outputs(scored, trained, extracted, tmp_path):
+    """precision bf16-refined: every pair screened in bf16, the pairs that decide a list or a
+    caption's min/max re-scored in fp32: stats, top-k tables and metrics equal the fp32 run's
+    (ids and ranks identical, floats to fp32's last bit); the scores table holds bf16 losses
+    elsewhere."""
+    from aacray.reindex import compare_outputs
+
+    out = str(tmp_path / "refined")
+    _score(trained, extracted, out, precision="bf16-refined", caption_block_size=64, actors={"num_actors": 2})
+    cmp = compare_outputs(scored, out)
+    print(f"\nbf16-refined vs fp32: {cmp}")
+    for name in ("caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw"):
+        assert cmp[name] in ("identical", "allclose"), (name, cmp)
+    ma = json.loads(open(os.path.join(scored, "metrics.json")).read())
+    mb = json.loads(open(os.path.join(out, "metrics.json")).read())
+    for k in ("t2a", "a2t_raw", "a2t_minmax"):
+        assert ma[k] == mb[k]
+    refine = mb["scorer"]["refine"]
+    assert mb["scorer"]["precision"] == "bf16-refined" and refine["within_margin"]
+    assert 0 < refine["rescored_pairs"] < mb["n_pairs"] and 0 < refine["max_rel_err_seen"] <= refine["margin"]
+    la = storage.read_table(scored, "scores").to_pandas().set_index(["audio_id", "caption_id"])["loss"]
+    lb = storage.read_table(out, "scores").to_pandas().set_index(["audio_id", "caption_id"])["loss"]
+    lb = lb.loc[la.index]
+    same = (la.to_numpy() == lb.to_numpy()).sum()
+    assert 0 < same < len(la)  # the re-scored pairs carry fp32's bits, the rest bf16's
+    np.testing.assert_allclose(lb.to_numpy(), la.to_numpy(), rtol=refine["margin"])
+
+
 def test_metrics_and_plots_written(scored):
     m = json.loads(open(os.path.join(scored, "metrics.json")).read())
     assert m["n_pairs"] == 8000 and m["n_audios"] == 40 and m["n_captions"] == 200

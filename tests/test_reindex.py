@@ -280,6 +280,27 @@ def test_adding_audio_needs_scores(small, pipeline, tmp_path):
     assert "scores" not in m["tables"] and m["tables"]["caption_stats"]["rows"] == 148
 
 
+def test_bf16_refined_index(index_a, pipeline, tmp_path):
+    """An index scored with precision bf16-refined: new captions are refined too, so adding
+    them gives the lists the fp32 index got (floats to fp32's last bit); adding audios is refused
+    (its min-max lists would be recomputed from stored bf16 losses)."""
+    out = _copy(index_a["v0"], tmp_path)
+    cfg_file = os.path.join(out, "config.yaml")
+    text = open(cfg_file).read()
+    assert "precision: fp32" in text
+    open(cfg_file, "w").write(text.replace("precision: fp32", "precision: bf16-refined"))
+    with pytest.raises(reindex.ReindexError, match="bf16-refined.*Add captions alone"):
+        _reindex(out, new_audio=pipeline["extract"], new_audio_subsets=["validation"])
+    res = _reindex(out, new_captions=pipeline["new_caps"])
+    assert res["status"] == "committed"
+    cmp = reindex.compare_outputs(index_a["out"], out)
+    print(f"\nbf16-refined reindex vs fp32 reindex: {cmp}")
+    for name in ("caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw"):
+        assert cmp[name] in ("identical", "allclose"), (name, cmp)
+    refine = res["refine"]  # the new pairs went through refinement
+    assert 0 < refine["rescored_pairs"] <= res["pairs_scored"] and refine["within_margin"]
+
+
 def test_caption_ids_from_text_when_absent(small, tmp_path):
     out = _copy(small, tmp_path)
     f = tmp_path / "noid.csv"
