@@ -14,7 +14,8 @@ taken within a round):
   (a) naive: `pair_loss` (projection + plain nn.TransformerDecoder) over batches of pairs
       in random order, each batch padded to its longest caption, fp32, nothing reused;
       on --naive-pairs pairs drawn from the matrix (all of them when the matrix is small);
-  (b) PairScorer, fp32;  (c) PairScorer in --precision (its fastest mode, bf16).
+  (b) PairScorer, fp32;  (c) PairScorer in --precision (its fastest mode, bf16);
+  (d) precision bf16-refined's cost: (c) plus fp32 re-scoring of --refine-share of the pairs.
 (b) and (c) time everything they do: construction (projection, memory keys/values) and
 loss_matrix over all captions. Useful FLOPs are the model's FLOPs per pair on its real
 (unpadded) tokens, `aacray.fastdecode.pair_flops`, summed over the pairs scored; their
@@ -142,6 +143,25 @@ def run_rows(args, device) -> None:
         fn=scorer_row(args.precision), pairs=N * M, useful=useful_all, executed=executed_all,
         rate="bf16" if args.precision == "bf16" else "fp32",
     )
+    if args.precision == "bf16" and args.refine_share > 0:
+        # (d): what precision bf16-refined costs: a bf16 scorer over every pair, then an fp32
+        # scorer (built too, as an actor builds both) re-scoring refine_share of each caption's
+        # audios with loss_at. On random weights the refinement windows mean nothing, so the
+        # share is set (--refine-share; measured on trained-model matrices, docs/benchmarks.md)
+        # and the pairs drawn at random: the cost does not depend on which pairs they are.
+        n_re = max(1, round(args.refine_share * N))
+        re_rows = np.concatenate([rng.choice(N, n_re, replace=False) for _ in range(M)])
+        re_cols = np.repeat(np.arange(M), n_re)
+
+        def refined():
+            L = PairScorer(model, PAD, frames, device, "bf16", args.pairs_per_batch).loss_matrix(tokens)
+            exact = PairScorer(model, PAD, frames, device, "fp32", args.pairs_per_batch)
+            L[re_rows, re_cols] = exact.loss_at(tokens, re_rows, re_cols)
+            return L
+
+        rows[f"(d) bf16-refined, {n_re * M / (N * M):.1%} re-scored"] = dict(
+            fn=refined, pairs=N * M, useful=useful_all, executed=None, rate="bf16"
+        )
     if args.ablations:
         add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, useful_all, executed_all, device)
 
@@ -390,7 +410,12 @@ def main(argv: list[str]) -> None:
     p.add_argument("--demo-extract", default="runs/demo/extract_embeddings", help="--demo-ranks: audios and captions")
     p.add_argument("--demo-subsets", nargs="*", default=["evaluation"])
     p.add_argument("--demo-block", type=int, default=256, help="--demo-ranks: captions per block (ScoreConfig default)")
-    p.add_argument("--refine-margin", type=float, default=0.005, help="bf16-refined (ScoreConfig default)")
+    p.add_argument("--refine-margin", type=float, default=0.01, help="bf16-refined (ScoreConfig default)")
+    p.add_argument(
+        "--refine-share", type=float, default=0.09,
+        help="row (d): share of pairs bf16-refined re-scores in fp32 (0: no row d); default: measured on the "
+             "240 x 1200 demo-checkpoint matrix, docs/benchmarks.md",
+    )
     p.add_argument("--ray", action="store_true", help="in-process scorer vs jobs/score_matrix.py")
     p.add_argument("--ray-config", default="configs/score_demo.yaml")
     p.add_argument(
