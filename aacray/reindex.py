@@ -86,7 +86,7 @@ from aacray.retrieval import (
     topk_select,
     topk_t2a,
 )
-from aacray.scoring import tokenize
+from aacray.scoring import REFINE_MARGIN, refine_summary, tokenize
 from aacray.text import normalize
 
 log = logging.getLogger("aacray.reindex")
@@ -508,7 +508,7 @@ class UnitScorer:
 
     def __init__(self, job: dict, device: str = "cpu"):
         from aacray import checkpoint as ckpt_lib
-        from aacray.scoring import REFINE_MARGIN, BlockScorer
+        from aacray.scoring import BlockScorer
 
         model, tok, _ = ckpt_lib.load(job["checkpoint"], device)
         es = read_embeddings(job["base_audio"]["uri"], job["base_audio"]["subsets"])
@@ -522,8 +522,9 @@ class UnitScorer:
         new = set(job["new_audio_ids"])
         self.all_ids = np.array(ids, dtype=str)
         self.new_ids = np.array([a for a in ids if a in new], dtype=str)
-        margin = job.get("refine_margin") or REFINE_MARGIN
-        mk = lambda fr: BlockScorer(model, tok.pad_id, fr, device, job["precision"], job["pairs_per_batch"], margin)  # noqa: E731
+        mk = lambda fr: BlockScorer(  # noqa: E731
+            model, tok.pad_id, fr, device, job["precision"], job["pairs_per_batch"], job["refine_margin"]
+        )
         self.scorer_all = mk(frames) if job["has_cap_units"] else None
         self.scorer_new = mk([f for a, f in zip(ids, frames, strict=True) if a in new]) if new else None
         pos = {a: i for i, a in enumerate(ids)}
@@ -753,6 +754,8 @@ def run_reindex(cfg) -> dict:
                 "stored losses. Re-run score_matrix with write_scores: true (a full N x M rescore, once), then "
                 "reindex. Adding captions alone needs no scores."
             )
+        # indexes scored before refine_margin existed have none: the default
+        refine_margin = info.get("refine_margin") or REFINE_MARGIN
         if d_n and info["precision"] == "bf16-refined":
             raise ReindexError(
                 f"{out} was scored with precision bf16-refined: its stored losses are fp32 only for the pairs of its "
@@ -816,7 +819,7 @@ def run_reindex(cfg) -> dict:
             "output": out,
             "checkpoint": info["checkpoint"],
             "precision": info["precision"],
-            "refine_margin": info.get("refine_margin"),
+            "refine_margin": refine_margin,
             "pairs_per_batch": info["pairs_per_batch"],
             "k": info["k"],
             "base_audio": info["base_audio"],
@@ -908,11 +911,8 @@ def run_reindex(cfg) -> dict:
             "minmax_estimated_captions": d_m if estimate else 0,
         }
         if info["precision"] == "bf16-refined":
-            from aacray.scoring import REFINE_MARGIN, refine_summary
-
             re_info["refine"] = refine_summary(
-                info.get("refine_margin") or REFINE_MARGIN, n_pairs, sum(r["rescored"] for r in results),
-                max(r["max_rel_err"] for r in results),
+                refine_margin, n_pairs, sum(r["rescored"] for r in results), max(r["max_rel_err"] for r in results)
             )
         metrics.update({"n_audios": n_total, "n_captions": m_total, "n_pairs": n_total * m_total,
                         "checkpoint": ck_info, "reindex": re_info})

@@ -107,6 +107,8 @@ class PairScorer:
         self.n_audios = len(frames)
         lens = np.array([f.shape[0] for f in frames])
         self.order = np.argsort(lens, kind="stable")
+        self.rank_of = np.empty(len(frames), dtype=np.int64)  # frames position -> sorted position
+        self.rank_of[self.order] = np.arange(len(frames))
         self.lens = lens[self.order]
         S, D = int(lens.max()), model.cfg.d_model
         self.memory = torch.zeros(len(frames), S, D, device=self.device)
@@ -167,7 +169,7 @@ class PairScorer:
 
     def loss_at(self, tokens: list[list[int]], audio_index, caption_index) -> np.ndarray:
         """Losses (P,) float32 of the pairs (audio_index[p], tokens[caption_index[p]]) (audio
-        positions in the constructor's frames), as `loss_matrix` computes them, to the bit.
+        positions in the constructor's frames), computed the way `loss_matrix` computes them.
 
         A pair runs as in `loss_matrix`: its caption's prefix computed alone, its audio
         padded to the frame count of its fixed chunk. Pairs of captions with the same
@@ -193,9 +195,7 @@ class PairScorer:
         if pairs.shape[0] < audio_index.size:
             return self.loss_at(tokens, pairs[:, 0], pairs[:, 1])[back.reshape(-1)]
         out = np.empty(audio_index.size, dtype=np.float32)
-        rank_of = np.empty(self.n_audios, dtype=np.int64)
-        rank_of[self.order] = np.arange(self.n_audios)
-        ranks = rank_of[audio_index]
+        ranks = self.rank_of[audio_index]
         T_of = np.array([len(tokens[c]) - 1 for c in caption_index], dtype=np.int64)
         chunk_of = np.empty_like(ranks)
         for T in np.unique(T_of):
@@ -241,9 +241,7 @@ class PairScorer:
         out = np.empty(P, dtype=np.float32)
         if P == 0:
             return out
-        rank_of = np.empty(self.n_audios, dtype=np.int64)
-        rank_of[self.order] = np.arange(self.n_audios)
-        rows = rank_of[np.asarray(audio_index, dtype=np.int64)]
+        rows = self.rank_of[np.asarray(audio_index, dtype=np.int64)]
         lengths = np.array([len(t) for t in tokens])
         p_order = np.lexsort((lengths, rows))
         size = self.pairs_per_batch
@@ -340,18 +338,18 @@ def refine_block(
     L = np.array(L, dtype=np.float64)
     N, m = L.shape
     D = margin * np.abs(L)
-    seen = [0.0]
-    n_rescored = [0]
+    seen, n_rescored = 0.0, 0
 
     def fix(mask: np.ndarray) -> None:
+        nonlocal seen, n_rescored
         rows, cols = np.nonzero(mask & (D > 0))
         if rows.size == 0:
             return
         exact = np.asarray(rescore(rows, cols), dtype=np.float64)
         assert exact.shape == rows.shape, f"rescore returned {exact.shape}, expected {rows.shape}"
         rel = np.abs(L[rows, cols] - exact) / np.maximum(np.abs(exact), 1e-12)
-        seen[0] = max(seen[0], float(rel.max()))
-        n_rescored[0] += rows.size
+        seen = max(seen, float(rel.max()))
+        n_rescored += rows.size
         L[rows, cols] = exact
         D[rows, cols] = 0.0
 
@@ -369,7 +367,7 @@ def refine_block(
         S = np.where(span > 0, (L - mn) / np.where(span > 0, span, 1.0), 0.0)
         DS = np.where(span > 0, D / np.where(span > 0, span, 1.0), np.where(D > 0, np.inf, 0.0))
     fix(_window(L, D, k) | _window(S, DS, k))
-    return L, {"pairs": int(N * m), "rescored": n_rescored[0], "max_rel_err": seen[0]}
+    return L, {"pairs": int(N * m), "rescored": n_rescored, "max_rel_err": seen}
 
 
 class BlockScorer:
