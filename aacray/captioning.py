@@ -52,6 +52,7 @@ import pyarrow as pa
 import torch
 
 from aacray import storage
+from aacray.errors import BadInputError
 from aacray.text import normalize
 
 log = logging.getLogger("aacray.captioning")
@@ -456,9 +457,6 @@ class CaptionActor:
 # The job
 # --------------------------------------------------------------------------------------
 
-
-class BadInputError(ValueError):
-    """Inputs the caption job refuses before decoding; the message names the items."""
 
 
 def references_for(uri: str, audio_ids: list[str]) -> dict[str, list[str]]:

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from aacray.errors import BadInputError
 from aacray.text import words as normalized_words
 
 log = logging.getLogger("aacray.perturb")
@@ -304,9 +305,6 @@ class PerturbActor:
 # The job
 # --------------------------------------------------------------------------------------
 
-
-class BadInputError(ValueError):
-    """Inputs the perturbation job refuses before scoring; the message names the items."""
 
 
 def run_perturb(cfg) -> dict:

@@ -36,6 +36,7 @@ import torch
 from aacray import storage
 from aacray.decoder import CaptionDecoder, pair_loss, pair_loss_memory
 from aacray.embeddings import check_embeddings, duplicate_ids, read_captions, read_embeddings
+from aacray.errors import BadInputError
 from aacray.retrieval import (
     BlockResult,
     CaptionStats,
@@ -57,9 +58,6 @@ SCORER_VERSION = "fastdecode-1"
 CORNER = 32  # heatmap side
 N_CURVES = 3  # queries in the loss-curve figure
 
-
-class BadInputError(ValueError):
-    """Inputs score_matrix refuses before scoring; the message names the items."""
 
 
 # --------------------------------------------------------------------------------------

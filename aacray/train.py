@@ -33,13 +33,11 @@ from aacray import storage
 from aacray.config import TrainConfig, dump_yaml, from_dict, to_dict
 from aacray.decoder import CaptionDecoder, pair_loss, train_loss
 from aacray.embeddings import EmbeddingSet, check_embeddings, read_captions, read_embeddings
+from aacray.errors import BadInputError
 from aacray.text import WordTokenizer, normalize
 
 log = logging.getLogger("aacray.train")
 
-
-class BadInputError(ValueError):
-    """Inputs that training refuses; the message names the items and the fix."""
 
 
 @dataclass

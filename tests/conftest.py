@@ -90,3 +90,27 @@ def tiny_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     write_demo_corpus(str(root), seed=1, n_dev=12, n_val=4, n_eval=4, min_seconds=2.0, max_seconds=4.0)
     return str(root)
+
+
+@pytest.fixture
+def small_index(tmp_path):
+    """6 audios with 2 captions each, plus one caption made only of unknown words (an
+    extract output), and a random tiny checkpoint."""
+    import numpy as np
+    from faults import CAPTIONS, write_extract_output, write_random_checkpoint
+
+    rng = np.random.default_rng(1)
+    ids = [f"clip{i}" for i in range(6)]
+    frames = [rng.standard_normal((5 + i, 768)).astype(np.float32) for i in range(6)]
+    caps = [
+        (f"{a}#{j}", "evaluation", CAPTIONS[(i + j) % 4], a)
+        for i, a in enumerate(ids)
+        for j in range(2)
+    ]
+    caps.append(("clip5#2", "evaluation", "zyzzyva quux", "clip5"))  # out of vocabulary only
+    ext = write_extract_output(str(tmp_path / "ext"), ids, ["evaluation"] * 6, frames, caps)
+    ckpt = str(tmp_path / "ckpt")
+    write_random_checkpoint(ckpt, CAPTIONS)
+    return ext, ckpt
+
+

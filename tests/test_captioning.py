@@ -236,8 +236,9 @@ def test_caption_job_equals_in_process_beam_search_and_metrics(tmp_path, ray_loc
 
 
 def test_caption_job_refuses_too_long_captions_before_running(tmp_path):
-    from aacray.captioning import BadInputError, run_caption
+    from aacray.captioning import run_caption
     from aacray.config import CaptionConfig, from_dict
+    from aacray.errors import BadInputError
 
     emb, ckpt, _, _ = write_tiny_inputs(str(tmp_path), max_len=10)
     cfg = from_dict(CaptionConfig, {"checkpoint": ckpt, "audio": emb, "output": str(tmp_path / "c"), "max_len": 20})

@@ -284,7 +284,8 @@ def test_job_losses_equal_direct_pair_loss(tmp_path, ray_local, capsys):
 
 def test_job_refuses_captions_of_unknown_audios(tmp_path):
     from aacray.config import PerturbConfig, from_dict
-    from aacray.perturb import BadInputError, run_perturb
+    from aacray.errors import BadInputError
+    from aacray.perturb import run_perturb
 
     emb, ckpt, _ = write_tiny_inputs(str(tmp_path), audio_pos_enc=False)
     cfg = from_dict(

@@ -17,8 +17,9 @@ from aacray import storage
 from aacray.config import ExtractConfig, ScoreConfig, TrainConfig, from_dict
 from aacray.corpora import write_demo_corpus
 from aacray.embeddings import read_captions, read_embeddings
+from aacray.errors import BadInputError
 from aacray.retrieval import rank_a2t_minmax, rank_a2t_raw, rank_t2a
-from aacray.scoring import BadInputError, reference_loss_matrix
+from aacray.scoring import reference_loss_matrix
 
 
 @pytest.fixture(scope="module")

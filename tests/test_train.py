@@ -17,8 +17,8 @@ import torch
 from aacray.config import TrainConfig, from_dict
 from aacray.decoder import CaptionDecoder, DecoderConfig
 from aacray.embeddings import CAPTION_SCHEMA, EmbeddingSet
+from aacray.errors import BadInputError
 from aacray.train import (
-    BadInputError,
     build_optimizer,
     build_scheduler,
     cosine_factor,
