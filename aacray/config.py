@@ -58,14 +58,48 @@ class ActorConfig:
     """CPUs per actor."""
     batch_size: int = 16
     """Rows per batch handed to an actor."""
+    memory_gb: float | None = None
+    """Memory one actor may hold, in GiB; Ray reserves it for each actor when set. Jobs that
+    hold an audio index per actor (score_matrix, perturb, reindex) check their need against
+    it before any actor starts. None: on CPU this node's memory shared by the actors it can
+    host, on GPU the GPU's memory."""
 
     def __post_init__(self) -> None:
+        if self.memory_gb is not None and self.memory_gb <= 0:
+            raise ConfigError(f"memory_gb must be > 0 or null, got {self.memory_gb}")
         if self.num_actors < 1:
             raise ConfigError(f"num_actors must be >= 1, got {self.num_actors}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_gpus < 0 or self.num_cpus < 0:
             raise ConfigError("num_gpus and num_cpus must be >= 0")
+
+
+@dataclass
+class ScorerConfig:
+    """How pair losses are computed (aacray/scorer.py): shared by score_matrix and perturb;
+    reindex reuses the index's own so that new pairs are scored like the old ones."""
+
+    precision: Literal["fp32", "bf16", "bf16-refined"] = "fp32"
+    """fp32: exact. bf16: faster, losses off by up to ~3e-3 of their value, so near-tied
+    neighbours in a top-k list may swap. bf16-refined (score_matrix only): bf16 for every
+    pair, then fp32 again for the pairs that decide the top-k lists and caption min/max:
+    fp32's rankings and metrics (to fp32's own last-bit rounding) at close to bf16's speed
+    on large indexes; losses elsewhere (the `scores` table) stay bf16's. docs/benchmarks.md."""
+    pairs_per_batch: int = 4096
+    """Audios per decoder forward inside an actor (one caption x this many audios; memory
+    knob). Outputs are bit-identical for any caption_block_size and actor count; changing
+    this or `precision` changes float rounding (last bits) only."""
+    refine_margin: float = 0.01
+    """bf16-refined: the assumed bound on |bf16 - fp32| loss error, as a fraction of the loss
+    (measured: up to 3.4e-3). Larger = more pairs re-scored; metrics.json reports the largest
+    error seen on the re-scored pairs and warns when it exceeded this."""
+
+    def __post_init__(self) -> None:
+        if self.pairs_per_batch < 1:
+            raise ConfigError(f"pairs_per_batch must be >= 1, got {self.pairs_per_batch}")
+        if not 0 < self.refine_margin < 1:
+            raise ConfigError(f"refine_margin must be in (0, 1), got {self.refine_margin}")
 
 
 @dataclass
@@ -329,33 +363,28 @@ class ScoreConfig:
     """Length of every top-k list (>= 10 for Recall@10 and mAP@10)."""
     caption_block_size: int = 256
     """Captions per block; a block is scored against every audio of the index."""
-    pairs_per_batch: int = 4096
-    """Audios per decoder forward inside an actor (one caption x this many audios; memory
-    knob). Outputs are bit-identical for any caption_block_size and actor count; changing
-    this or `precision` changes float rounding (last bits) only."""
-    precision: Literal["fp32", "bf16", "bf16-refined"] = "fp32"
-    """fp32: exact. bf16: faster, losses off by up to ~3e-3 of their value, so near-tied
-    neighbours in a top-k list may swap. bf16-refined: bf16 for every pair, then fp32 again
-    for the pairs that decide the top-k lists and caption min/max: fp32's rankings and
-    metrics (to fp32's own last-bit rounding) at close to bf16's speed on large indexes;
-    losses elsewhere (the `scores` table) stay bf16's. docs/benchmarks.md."""
-    refine_margin: float = 0.01
-    """bf16-refined: the assumed bound on |bf16 - fp32| loss error, as a fraction of the loss
-    (measured: up to 3.4e-3). Larger = more pairs re-scored; metrics.json reports the largest
-    error seen on the re-scored pairs and warns when it exceeded this."""
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
     write_scores: bool = False
     """Also write the full `scores` table (one row per pair)."""
     plots: bool = True
     actors: ActorConfig = field(default_factory=ActorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    fail_on_block: int | None = None
-    """Fault injection for tests: the actor raises when it reaches this block."""
 
     def __post_init__(self) -> None:
-        if self.k < 1 or self.caption_block_size < 1 or self.pairs_per_batch < 1:
-            raise ConfigError("k, caption_block_size and pairs_per_batch must be >= 1")
-        if not 0 < self.refine_margin < 1:
-            raise ConfigError(f"refine_margin must be in (0, 1), got {self.refine_margin}")
+        if self.k < 1 or self.caption_block_size < 1:
+            raise ConfigError(f"k and caption_block_size must be >= 1, got k={self.k}, caption_block_size={self.caption_block_size}")
+
+
+def saved_score_config(data: dict) -> ScoreConfig:
+    """A score_matrix output's saved config.yaml -> ScoreConfig, also for outputs written
+    before the `scorer` section existed (top-level precision / pairs_per_batch /
+    refine_margin, and the test hook fail_on_block, which is no config key any more)."""
+    data = dict(data)
+    data.pop("fail_on_block", None)
+    moved = {k: data.pop(k) for k in ("precision", "pairs_per_batch", "refine_margin") if k in data}
+    if moved:
+        data["scorer"] = {**moved, **(data.get("scorer") or {})}
+    return from_dict(ScoreConfig, data)
 
 
 @dataclass
@@ -442,19 +471,18 @@ class PerturbConfig:
     randomness), or with one drawn per occurrence by a seeded rng (random)."""
     seed: int = 0
     """Seed of the draws when alternatives is random."""
-    pairs_per_batch: int = 4096
-    """Audios per decoder forward inside an actor (one caption x this many audios; memory
-    knob). Outputs are bit-identical for any caption_block_size and actor count; changing
-    this or `precision` changes float rounding (last bits) only."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    """precision fp32 or bf16 (bf16-refined refines ranked lists; perturb compares pairs)."""
     actors: ActorConfig = field(default_factory=ActorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         if not self.sets:
             raise ConfigError("sets must name at least one perturbation set")
-        if self.pairs_per_batch < 1:
-            raise ConfigError(f"pairs_per_batch must be >= 1, got {self.pairs_per_batch}")
+        if self.scorer.precision == "bf16-refined":
+            raise ConfigError(
+                "scorer.precision: bf16-refined refines ranked lists; perturb compares single pairs: use fp32 or bf16"
+            )
 
 
 @dataclass

@@ -283,7 +283,7 @@ class PerturbActor:
         from aacray import checkpoint as ckpt_lib
         from aacray.config import PerturbConfig, from_dict
         from aacray.embeddings import read_embeddings
-        from aacray.scoring import PairScorer
+        from aacray.scorer import PairScorer
 
         cfg = from_dict(PerturbConfig, cfg_dict)
         use_gpu = cfg.actors.num_gpus > 0 and torch.cuda.is_available()
@@ -293,7 +293,7 @@ class PerturbActor:
         model, tok, _ = ckpt_lib.load(cfg.checkpoint, device)
         audio = read_embeddings(cfg.audio, cfg.audio_subsets)
         self.pos = audio.index()
-        self.scorer = PairScorer(model, tok.pad_id, audio.frames, device, cfg.precision, cfg.pairs_per_batch)
+        self.scorer = PairScorer(model, tok.pad_id, audio.frames, device, cfg.scorer.precision, cfg.scorer.pairs_per_batch)
 
     def __call__(self, batch: dict) -> dict:
         idx = [self.pos[str(a)] for a in batch["audio_id"]]
@@ -316,7 +316,7 @@ def run_perturb(cfg) -> dict:
     from aacray.config import dump_yaml, to_dict
     from aacray.embeddings import read_captions, read_embeddings
     from aacray.runtime import init_ray
-    from aacray.scoring import check_inputs, tokenize
+    from aacray.scorer import check_inputs, tokenize
 
     t_start = time.time()
     model, tok, info = ckpt_lib.load(cfg.checkpoint)

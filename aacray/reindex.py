@@ -86,7 +86,7 @@ from aacray.retrieval import (
     topk_select,
     topk_t2a,
 )
-from aacray.scoring import REFINE_MARGIN, refine_summary, tokenize
+from aacray.scorer import REFINE_MARGIN, refine_summary, tokenize
 from aacray.text import normalize
 
 log = logging.getLogger("aacray.reindex")
@@ -311,18 +311,19 @@ def _index_info(uri: str, manifest: dict) -> dict:
         raise ReindexError(f"{uri} is a {manifest.get('job')!r} output; reindex updates score_matrix outputs")
     import yaml
 
-    from aacray.config import ScoreConfig, from_dict
+    from aacray.config import saved_score_config
 
-    cfg = from_dict(ScoreConfig, yaml.safe_load(storage.read_bytes(storage.join(uri, "config.yaml"))))
+    cfg = saved_score_config(yaml.safe_load(storage.read_bytes(storage.join(uri, "config.yaml"))))
+    sc = cfg.scorer
     metrics = storage.read_json(storage.join(uri, manifest["extra"].get("metrics", "metrics.json")))
     return {
         "checkpoint": cfg.checkpoint,
         "checkpoint_info": metrics.get("checkpoint"),
         "model_sha": None,
         "k": cfg.k,
-        "pairs_per_batch": cfg.pairs_per_batch,
-        "precision": cfg.precision,
-        "refine_margin": cfg.refine_margin if cfg.precision == "bf16-refined" else None,
+        "pairs_per_batch": sc.pairs_per_batch,
+        "precision": sc.precision,
+        "refine_margin": sc.refine_margin if sc.precision == "bf16-refined" else None,
         "base_audio": {"uri": cfg.audio, "subsets": cfg.audio_subsets},
         "base_captions": {"uri": cfg.captions, "subsets": cfg.caption_subsets},
         "base_digests": None,
@@ -508,7 +509,7 @@ class UnitScorer:
 
     def __init__(self, job: dict, device: str = "cpu"):
         from aacray import checkpoint as ckpt_lib
-        from aacray.scoring import BlockScorer
+        from aacray.scorer import BlockScorer
 
         model, tok, _ = ckpt_lib.load(job["checkpoint"], device)
         es = read_embeddings(job["base_audio"]["uri"], job["base_audio"]["subsets"])

@@ -18,7 +18,7 @@ taken within a round):
   (d) precision bf16-refined's cost: (c) plus fp32 re-scoring of --refine-share of the pairs.
 (b) and (c) time everything they do: construction (projection, memory keys/values) and
 loss_matrix over all captions. Useful FLOPs are the model's FLOPs per pair on its real
-(unpadded) tokens, `aacray.fastdecode.pair_flops`, summed over the pairs scored; their
+(unpadded) tokens, `aacray.scorer.pair_flops`, summed over the pairs scored; their
 rate is given as a share of a 2048^3 matmul measured in the same run at the precision of
 the row (fp32 for a and b). The `executed` column counts what the fast path must compute
 at least (per pair work, plus per audio and per caption work once).
@@ -39,8 +39,7 @@ import numpy as np
 import torch
 
 from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss
-from aacray.fastdecode import FastDecoder, _Linear, pair_flops
-from aacray.scoring import PairScorer
+from aacray.scorer import FastDecoder, PairScorer, _Linear, pair_flops
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -284,7 +283,7 @@ def demo_ranks(args, device) -> None:
     from aacray import storage
     from aacray.embeddings import read_captions, read_embeddings
     from aacray.retrieval import merge_blocks, minmax_scale, retrieval_metrics, score_block
-    from aacray.scoring import BlockScorer, tokenize
+    from aacray.scorer import BlockScorer, tokenize
 
     tr, ex = args.demo_checkpoint, args.demo_extract
     if not (
@@ -367,13 +366,13 @@ def ray_vs_inprocess(args) -> None:
     n_pairs = len(audio.audio_ids) * len(cids)
     cpus = int(cfg.actors.num_actors * cfg.actors.num_cpus)
     print(f"\nscore_matrix via Ray Data vs in-process PairScorer: {args.ray_config}, {len(audio.audio_ids)} x "
-          f"{len(cids)} = {n_pairs} pairs, {cfg.precision}, {cfg.actors.num_actors} actors x {cfg.actors.num_cpus} CPU")
+          f"{len(cids)} = {n_pairs} pairs, {cfg.scorer.precision}, {cfg.actors.num_actors} actors x {cfg.actors.num_cpus} CPU")
     threads = torch.get_num_threads()
     inproc = {}
     for n_threads in sorted({cpus} if args.ray_no_one_thread else {1, cpus}):
         torch.set_num_threads(n_threads)
         t = time.perf_counter()
-        PairScorer(model, tok.pad_id, audio.frames, "cpu", cfg.precision, cfg.pairs_per_batch).loss_matrix(tokens)
+        PairScorer(model, tok.pad_id, audio.frames, "cpu", cfg.scorer.precision, cfg.scorer.pairs_per_batch).loss_matrix(tokens)
         inproc[n_threads] = n_pairs / (time.perf_counter() - t)
         print(f"in-process, {n_threads} thread(s), construction included: {inproc[n_threads]:.0f} pairs/s", flush=True)
     torch.set_num_threads(threads)

@@ -373,7 +373,7 @@ def test_rayjob_runs_score_matrix_with_a_valid_runtime_env():
         ("python jobs/score_matrx.py configs/score_demo.yaml", "does not exist"),
         ("python jobs/score_matrix.py configs/score_clotho_missing.yaml", "does not exist"),
         ("python jobs/score_matrix.py configs/score_demo.yaml actors.num_gpu=1", "unknown config key"),
-        ("python jobs/score_matrix.py configs/score_demo.yaml precision=fp16", "not one of"),
+        ("python jobs/score_matrix.py configs/score_demo.yaml scorer.precision=fp16", "not one of"),
         ("bash jobs/score_matrix.py configs/score_demo.yaml", "not `python"),
     ],
 )

@@ -1,4 +1,4 @@
-"""The fast scoring path (aacray/fastdecode.py behind PairScorer) against the plain module.
+"""The fast scoring path (aacray/scorer.py: FastDecoder behind PairScorer) against the plain module.
 
 - fp32 losses equal the reference loop over `pair_loss` within 1e-5 (tiny and paper-ish
   sizes, padded frames, captions of different lengths, the audio positional encoding);
@@ -15,9 +15,15 @@ import pytest
 import torch
 
 from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss_memory
-from aacray.fastdecode import FastDecoder, pair_flops
 from aacray.retrieval import score_block
-from aacray.scoring import BlockScorer, PairScorer, reference_loss_matrix, refine_block
+from aacray.scorer import (
+    BlockScorer,
+    FastDecoder,
+    PairScorer,
+    pair_flops,
+    reference_loss_matrix,
+    refine_block,
+)
 
 PAD, BOS, EOS = 0, 1, 2
 TINY = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=32)

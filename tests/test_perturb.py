@@ -235,7 +235,7 @@ def test_job_losses_equal_direct_pair_loss(tmp_path, ray_local, capsys):
         PerturbConfig,
         {
             "checkpoint": ckpt, "audio": emb, "audio_subsets": ["evaluation"], "captions": emb,
-            "caption_subsets": ["evaluation"], "output": out, "pairs_per_batch": 5,
+            "caption_subsets": ["evaluation"], "output": out, "scorer": {"pairs_per_batch": 5},
             "actors": {"num_actors": 1, "num_cpus": 1, "batch_size": 4}, "ray": {"num_cpus": 2},
         },
     )

@@ -19,7 +19,7 @@ from aacray.corpora import write_demo_corpus
 from aacray.embeddings import read_captions, read_embeddings
 from aacray.errors import BadInputError
 from aacray.retrieval import rank_a2t_minmax, rank_a2t_raw, rank_t2a
-from aacray.scoring import reference_loss_matrix
+from aacray.scorer import reference_loss_matrix
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,8 @@ def _score(trained, extracted, out, **kw) -> dict:
     base = {"checkpoint": trained, "audio": extracted, "audio_subsets": ["evaluation"], "captions": extracted,
             "caption_subsets": ["evaluation"], "output": out, "write_scores": True, "plots": True}
     base.update(kw)
-    return run_score_matrix(from_dict(ScoreConfig, base))
+    fail = base.pop("_fail_on_block", None)
+    return run_score_matrix(from_dict(ScoreConfig, base), _fail_on_block=fail)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_resume_skips_finished_blocks(scored, trained, extracted, tmp_path):
     out = str(tmp_path / "resumed")
     kw = {"caption_block_size": 64, "actors": {"num_actors": 1}}
     with pytest.raises(Exception, match="injected fault at block 2"):
-        _score(trained, extracted, out, fail_on_block=2, **kw)
+        _score(trained, extracted, out, _fail_on_block=2, **kw)
     assert not os.path.exists(os.path.join(out, "_MANIFEST.json"))
     with pytest.raises(storage.IncompleteOutputError):
         storage.read_table(out, "topk_t2a")
@@ -172,7 +173,7 @@ def test_bf16_refined_gives_fp32_outputs(scored, trained, extracted, tmp_path):
     (ids and ranks identical, floats to fp32's last bit); the scores table holds bf16 losses
     elsewhere."""
     out = str(tmp_path / "refined")
-    _score(trained, extracted, out, precision="bf16-refined", caption_block_size=64, actors={"num_actors": 2})
+    _score(trained, extracted, out, scorer={"precision": "bf16-refined"}, caption_block_size=64, actors={"num_actors": 2})
     # fp32's own last bit: a re-scored pair may round differently from the fp32 run (a forward
     # of another row count) by an ulp or two, 1e-6 on these losses; min-max scores divide that
     # by the caption's span. Within it, neighbours may swap, so compare each rank's score.

@@ -1,0 +1,740 @@
+"""Scoring audio x caption pairs in process (no Ray): the decoder's per-pair loss, fast.
+
+What it holds, in the order a scorer is built and used:
+- `FastDecoder`: a scoring-only forward of `CaptionDecoder` that does shared work once;
+- `PairScorer`: the loss matrix (or listed pairs) of a fixed audio index against captions;
+- `refine_block` / `BlockScorer`: bf16 screening with fp32 deciding every list ("bf16-refined");
+- `tokenize`, `check_inputs`: the scorer's tokenisation and input checks;
+- `reference_loss_matrix`: the plain per-pair loop the tests compare against.
+score_matrix, perturb and reindex (the Ray stages) all score through this module.
+
+
+FastDecoder. `pair_loss_memory` runs the whole `nn.TransformerDecoder` for every pair. When a caption
+meets many audios most of that work is shared (the decoder is post-norm, so nothing
+before a layer's cross-attention sees the audio):
+- per audio, once for every caption: the frame projection (the scorer's memory) and the
+  cross-attention keys and values of every layer (`audio_kv`);
+- per caption, once for every audio: the token embedding, the first layer's causal
+  self-attention and norm, and the first layer's cross-attention queries (`prefix`);
+- per pair: everything from the first cross-attention on, over the caption's real tokens.
+`pair_flops` counts the three parts.
+
+The maths is `nn.TransformerDecoderLayer`'s (post-norm, GELU, eval: no dropout) on the
+module's own weights, checked against the module in tests/test_fastscore.py. On CPU the
+attention is written out (matmul, additive -inf mask, softmax): with ~12 queries and ~31
+keys per head it runs within this machine's noise of `F.scaled_dot_product_attention`
+(docs/benchmarks.md); on CUDA the fused kernel is used.
+
+Precision (`compute_dtype`):
+- float32: fp32 throughout.
+- bfloat16: the decoder layers' matmuls (attention included, keys/values cached in bf16)
+  run in bf16 on bf16 copies of the weights; the residual stream, the layer norms, the
+  classifier, the log-softmax and the loss stay fp32. The classifier stays fp32 because a
+  trained model's logits are large: rounded to bf16's 8-bit mantissa they made most of
+  the error (demo checkpoint: max |loss error| 1.0e-2 with a bf16 classifier, 2.6e-3
+  without), for 7-12% of the time at V = 5000 (docs/benchmarks.md).
+
+Linear layers on CPU use oneDNN with weights pre-packed for the scorer's row count
+(`torch.ops.mkldnn`, what `torch.compile` uses for CPU linears) when that op exists, and
+`F.linear` otherwise: same maths, ~10% faster here (docs/benchmarks.md).
+
+Shapes: A audios (pairs) of a forward, B = 1 (a caption shared by the A audios) or A,
+S frames, T input tokens, D width, H heads, d = D / H, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss, pair_loss_memory
+from aacray.embeddings import check_embeddings, duplicate_ids
+from aacray.text import WordTokenizer
+
+log = logging.getLogger("aacray.scorer")
+
+
+def _mkldnn_ops():
+    try:
+        return torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class _Linear:
+    """y = x W^T + b in the compute dtype, optionally followed by the exact (erf) GELU."""
+
+    def __init__(self, weight: Tensor, bias: Tensor, dtype: torch.dtype, pack_rows: int | None):
+        self.w = weight.detach().to(dtype).contiguous()
+        self.b = bias.detach().to(dtype).contiguous()
+        self.dtype = dtype
+        self.packed = None
+        ops = _mkldnn_ops() if pack_rows and self.w.device.type == "cpu" else None
+        if ops is not None:
+            try:
+                self.op = ops[0]
+                self.packed = ops[1](self.w, pack_rows)
+            except RuntimeError:
+                self.packed = None
+
+    def __call__(self, x: Tensor, gelu: bool = False) -> Tensor:
+        x = x.to(self.dtype)
+        if self.packed is not None:
+            shape = x.shape
+            y = self.op(
+                x.reshape(-1, shape[-1]), self.packed, self.b, "gelu" if gelu else "none", [None], "none" if gelu else ""
+            )
+            return y.view(*shape[:-1], y.shape[-1])
+        y = F.linear(x, self.w, self.b)
+        return F.gelu(y) if gelu else y
+
+
+@dataclass
+class _Layer:
+    sa_in: _Linear  # packed q, k, v of the self-attention (3D, D)
+    sa_out: _Linear
+    ca_q: _Linear  # cross-attention query
+    ca_kv: tuple[Tensor, Tensor]  # cross-attention key/value weight (2D, D) and bias, for the memory
+    ca_out: _Linear
+    ff1: _Linear
+    ff2: _Linear
+    norms: list  # [(weight, bias, eps)] x 3, fp32
+
+
+@dataclass
+class Prefix:
+    """The caption-only part of a forward: the first layer up to its cross-attention."""
+
+    x: Tensor  # (B, T, D) fp32, after the first layer's self-attention and norm1
+    q: Tensor  # (B, H, T, d) that layer's cross-attention queries, scaled by 1/sqrt(d)
+
+
+class FastDecoder:
+    """Per-pair losses from cached per-audio keys/values and per-caption prefixes."""
+
+    def __init__(self, model: CaptionDecoder, compute_dtype: torch.dtype = torch.float32, pack_rows: int | None = 768):
+        assert not model.training, "FastDecoder needs model.eval() (dropout would randomise the score)"
+        assert compute_dtype in (torch.float32, torch.bfloat16), f"{compute_dtype=}"
+        cfg = model.cfg
+        self.model = model
+        self.D, self.H = cfg.d_model, cfg.n_heads
+        self.d = self.D // self.H
+        self.scale = 1.0 / math.sqrt(self.d)
+        self.dtype = compute_dtype
+        self.device = model.classifier.weight.device
+        self.fused_attention = self.device.type == "cuda"
+        D, dt = self.D, compute_dtype
+
+        def lin(w: Tensor, b: Tensor) -> _Linear:
+            return _Linear(w, b, dt, pack_rows)
+
+        self.layers: list[_Layer] = []
+        for layer in model.transformer.layers:
+            sa, ca = layer.self_attn, layer.multihead_attn
+            assert sa._qkv_same_embed_dim and ca._qkv_same_embed_dim, "packed q/k/v weights expected"
+            assert not layer.norm_first, "post-norm layers expected"
+            assert layer.activation is F.gelu, "GELU layers expected"
+            self.layers.append(
+                _Layer(
+                    sa_in=lin(sa.in_proj_weight, sa.in_proj_bias),
+                    sa_out=lin(sa.out_proj.weight, sa.out_proj.bias),
+                    ca_q=lin(ca.in_proj_weight[:D], ca.in_proj_bias[:D]),
+                    ca_kv=(ca.in_proj_weight[D:].detach().to(dt), ca.in_proj_bias[D:].detach().to(dt)),
+                    ca_out=lin(ca.out_proj.weight, ca.out_proj.bias),
+                    ff1=lin(layer.linear1.weight, layer.linear1.bias),
+                    ff2=lin(layer.linear2.weight, layer.linear2.bias),
+                    norms=[
+                        (n.weight.detach().float(), n.bias.detach().float(), n.eps)
+                        for n in (layer.norm1, layer.norm2, layer.norm3)
+                    ],
+                )
+            )
+        self.classifier = _Linear(model.classifier.weight, model.classifier.bias, torch.float32, pack_rows)
+
+    # --- per audio ---------------------------------------------------------------------
+    def audio_kv(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """memory (A, S, D) -> per layer (K, V), each (A, H, S, d), contiguous."""
+        assert memory.ndim == 3 and memory.shape[-1] == self.D, f"{memory.shape=}"
+        A, S, _ = memory.shape
+        x = memory.to(self.dtype)
+        out = []
+        for layer in self.layers:
+            kv = F.linear(x, *layer.ca_kv).view(A, S, 2, self.H, self.d)
+            out.append((kv[:, :, 0].transpose(1, 2).contiguous(), kv[:, :, 1].transpose(1, 2).contiguous()))
+        return out
+
+    # --- per caption -------------------------------------------------------------------
+    def prefix(self, tokens_in: Tensor) -> Prefix:
+        """tokens_in (B, T) long, right-padded -> the caption-only part of the forward.
+
+        With the causal mask, right padding never reaches a real position, so no key
+        padding mask is needed.
+        """
+        assert tokens_in.ndim == 2, f"{tokens_in.shape=}"
+        x = self.model.embed_tokens(tokens_in).float()
+        layer = self.layers[0]
+        x = self._self_attn(x, layer)
+        return Prefix(x, self._queries(x, layer))
+
+    # --- per pair ----------------------------------------------------------------------
+    def losses(
+        self,
+        prefix: Prefix,
+        kv: list[tuple[Tensor, Tensor]],
+        memory_pad_mask: Tensor | None,
+        target: Tensor,
+        pad_id: int | None = None,
+    ) -> Tensor:
+        """Per-pair losses (A,) fp32: mean over target tokens of -log p, as `pair_loss`.
+
+        prefix: of B = 1 caption (shared by the A audios) or of B = A captions;
+        kv: `audio_kv` of the A audios, each (A, H, S, d); memory_pad_mask (A, S) bool,
+        True on padded frames, or None; target (B, T) long, pad_id marking its padding
+        (None: no padding).
+        """
+        x1, q1 = prefix.x, prefix.q
+        B, T, _ = x1.shape
+        A = kv[0][0].shape[0]
+        assert B in (1, A) and target.shape == (B, T), f"{x1.shape=} {target.shape=} {A=}"
+        mask = None
+        if memory_pad_mask is not None:
+            assert memory_pad_mask.shape == (A, kv[0][0].shape[2]), f"{memory_pad_mask.shape=}"
+            mask = torch.zeros(A, 1, 1, memory_pad_mask.shape[1], dtype=self.dtype, device=x1.device)
+            mask.masked_fill_(memory_pad_mask[:, None, None, :], float("-inf"))
+        layer = self.layers[0]
+        x = self._cross_and_ff(x1, q1, kv[0], mask, layer)
+        for i, layer in enumerate(self.layers[1:], start=1):
+            x = self._self_attn(x, layer)
+            x = self._cross_and_ff(x, self._queries(x, layer), kv[i], mask, layer)
+        logits = self.classifier(x).float()  # (A, T, V) fp32 (a no-op unless the classifier was swapped)
+        V = logits.shape[-1]
+        tgt = target.expand(A, T).reshape(-1)
+        ignore = -100 if pad_id is None else pad_id
+        nll = F.cross_entropy(logits.view(A * T, V), tgt, ignore_index=ignore, reduction="none").view(A, T)
+        if pad_id is None:
+            return nll.sum(dim=1) / T
+        n = (target != pad_id).sum(dim=1)
+        assert bool((n > 0).all()), "a caption has no target token (expected at least eos)"
+        return nll.sum(dim=1) / n.to(torch.float32)
+
+    # --- pieces ------------------------------------------------------------------------
+    def _norm(self, x: Tensor, n) -> Tensor:
+        return F.layer_norm(x, (self.D,), n[0], n[1], n[2])
+
+    def _queries(self, x: Tensor, layer: _Layer) -> Tensor:
+        """x (B, T, D) -> cross-attention queries (B, H, T, d), scaled by 1/sqrt(d)."""
+        B, T, _ = x.shape
+        q = layer.ca_q(x) * self.scale
+        return q.view(B, T, self.H, self.d).transpose(1, 2)
+
+    def _self_attn(self, x: Tensor, layer: _Layer) -> Tensor:
+        """x (B, T, D) fp32 -> norm1(x + causal self-attention(x)) fp32."""
+        B, T, D = x.shape
+        qkv = layer.sa_in(x).view(B, T, 3, self.H, self.d).permute(2, 0, 3, 1, 4)
+        if self.fused_attention:
+            ctx = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+        else:
+            s = torch.matmul(qkv[0] * self.scale, qkv[1].transpose(-1, -2))  # (B, H, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            ctx = torch.matmul(torch.softmax(s.masked_fill_(causal, float("-inf")), dim=-1), qkv[2])
+        ctx = ctx.transpose(1, 2).reshape(B, T, D)
+        return self._norm(x + layer.sa_out(ctx), layer.norms[0])
+
+    def _cross_and_ff(self, x: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None, layer: _Layer) -> Tensor:
+        """x (B, T, D) fp32, q (B, H, T, d), kv (A, H, S, d) each -> (A, T, D) fp32:
+        norm3(y + ff(y)) with y = norm2(x + cross-attention(q, kv))."""
+        k, v = kv
+        A, T = k.shape[0], x.shape[1]
+        if self.fused_attention:
+            ctx = F.scaled_dot_product_attention(q.expand(A, -1, -1, -1).contiguous(), k, v, attn_mask=mask, scale=1.0)
+        else:
+            s = torch.matmul(q, k.transpose(-1, -2))  # (A, H, T, S)
+            if mask is not None:
+                s = s + mask
+            ctx = torch.matmul(torch.softmax(s, dim=-1), v)  # (A, H, T, d)
+        ctx = ctx.transpose(1, 2).reshape(A, T, self.D)
+        y = self._norm(x + layer.ca_out(ctx), layer.norms[1])
+        return self._norm(y + layer.ff2(layer.ff1(y, gelu=True)), layer.norms[2])
+
+
+def pair_flops(cfg: DecoderConfig, vocab_size: int, n_tokens: float, n_frames: float) -> dict[str, float]:
+    """FLOPs (2 per multiply-add) of one pair's forward on its real tokens.
+
+    T = n_tokens input positions (= target tokens: the words + eos), S = n_frames, with D,
+    F = d_ff, V, E = emb_dim and n = n_layers from the config. Attention counts the full
+    T x T and T x S products (what is computed; causality is a mask):
+      projection    2 S E D
+      self-attn     n (2 T D 3D + 2 T T D + 2 T T D + 2 T D D)       q/k/v, scores, mix, out
+      cross-attn    n (2 T D D + 2 S D 2D + 2 T S D + 2 T S D + 2 T D D)
+                                                  q, memory k/v, scores, mix, out
+      feed-forward  n (2 T D F + 2 T F D)
+      classifier    2 T D V
+    `total` is the model's FLOPs per pair (what a per-pair forward needs; norms, GELU and
+    softmaxes are not counted). The fast path computes `per_audio` (projection, memory
+    k/v) once per audio and `per_caption` (first layer's self-attention and query) once
+    per caption; `per_pair` = total - per_audio - per_caption is what every pair costs it.
+    """
+    T, S = float(n_tokens), float(n_frames)
+    D, Fw, V, E, n = cfg.d_model, cfg.d_ff, vocab_size, cfg.emb_dim, cfg.n_layers
+    proj = 2 * S * E * D
+    sa_layer = 2 * T * D * 3 * D + 4 * T * T * D + 2 * T * D * D
+    ca_q, ca_kv = 2 * T * D * D, 2 * S * D * 2 * D
+    ca_layer = ca_q + ca_kv + 4 * T * S * D + 2 * T * D * D
+    ff = n * 4 * T * D * Fw
+    cls = 2 * T * D * V
+    total = proj + n * sa_layer + n * ca_layer + ff + cls
+    per_audio = proj + n * ca_kv
+    per_caption = sa_layer + ca_q
+    return {
+        "projection": proj,
+        "self_attn": n * sa_layer,
+        "cross_attn": n * ca_layer,
+        "feed_forward": ff,
+        "classifier": cls,
+        "total": total,
+        "per_audio": per_audio,
+        "per_caption": per_caption,
+        "per_pair": total - per_audio - per_caption,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The pair scorer over a fixed audio index
+# --------------------------------------------------------------------------------------
+
+
+class PairScorer:
+    """Loss matrix of a fixed audio index against any list of tokenised captions.
+
+    Built once per actor: each audio is projected once (memory, sorted by length so that
+    neighbours pad little) and, through `FastDecoder.audio_kv`, so are the cross-attention
+    keys/values of every layer, kept for all N audios (memory cost: 2 x n_layers x the
+    memory, N x S x 2 n_layers D floats). A caption's caption-only work (embedding, first
+    self-attention) is done once, then its pairs run against fixed chunks of the sorted
+    audio index (`_chunks`): a forward is one caption, unpadded, against one chunk.
+    """
+
+    # CPU forwards stop at about this many token rows (chunk audios x caption tokens): the
+    # activations then stay cache-sized (docs/benchmarks.md); the GPU takes pairs_per_batch.
+    CPU_ROWS = 768
+
+    def __init__(
+        self,
+        model: CaptionDecoder,
+        pad_id: int,
+        frames: list[np.ndarray],
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        pairs_per_batch: int = 4096,
+    ):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.model = model.to(device).eval()
+        self.pad_id = pad_id
+        self.device = torch.device(device)
+        self.precision = precision
+        self.pairs_per_batch = pairs_per_batch
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        )
+        # audios sorted by length: a chunk of neighbours pads little
+        self.n_audios = len(frames)
+        lens = np.array([f.shape[0] for f in frames])
+        self.order = np.argsort(lens, kind="stable")
+        self.rank_of = np.empty(len(frames), dtype=np.int64)  # frames position -> sorted position
+        self.rank_of[self.order] = np.arange(len(frames))
+        self.lens = lens[self.order]
+        S, D = int(lens.max()), model.cfg.d_model
+        self.memory = torch.zeros(len(frames), S, D, device=self.device)
+        self.mask = torch.ones(len(frames), S, dtype=torch.bool, device=self.device)
+        with torch.inference_mode():
+            for j, i in enumerate(self.order):
+                f = torch.tensor(np.asarray(frames[i], np.float32), device=self.device)[None]
+                self.memory[j, : f.shape[1]] = model.encode(f)[0].float()
+                self.mask[j, : f.shape[1]] = False
+        on_cpu = self.device.type == "cpu"
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.fast = FastDecoder(self.model, dtype, pack_rows=self.CPU_ROWS if on_cpu else None)
+        self.max_rows = self.CPU_ROWS if on_cpu else None
+        with torch.inference_mode():
+            parts = [
+                self.fast.audio_kv(self.memory[a0 : a0 + pairs_per_batch])
+                for a0 in range(0, self.n_audios, pairs_per_batch)
+            ]
+            self.kv = [tuple(torch.cat([p[i][j] for p in parts]) for j in range(2)) for i in range(len(parts[0]))]
+        self._chunk_cache: dict[int, list] = {}
+
+    def _chunks(self, T: int) -> list[tuple[int, int, int, bool]]:
+        """Fixed chunks (a0, a1, S, padded) of the sorted audio index for a caption of T input
+        tokens: at most pairs_per_batch audios (and CPU_ROWS token rows on CPU). They depend
+        on T and the index only, never on the other captions scored alongside."""
+        if T not in self._chunk_cache:
+            size = self.pairs_per_batch if self.max_rows is None else max(1, min(self.pairs_per_batch, self.max_rows // T))
+            out = []
+            for a0 in range(0, self.n_audios, size):
+                a1 = min(a0 + size, self.n_audios)
+                S = int(self.lens[a1 - 1])
+                out.append((a0, a1, S, bool(self.lens[a0] < S)))
+            self._chunk_cache[T] = out
+        return self._chunk_cache[T]
+
+    def _kv(self, rows: slice | torch.Tensor, S: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[rows, :, :S], v[rows, :, :S]) for k, v in self.kv]
+
+    def loss_matrix(self, tokens: list[list[int]]) -> np.ndarray:
+        """Token id lists of m captions ([bos .. eos]) -> losses (N, m) float32.
+
+        Every forward is one caption (unpadded) against one fixed chunk of the length-sorted
+        audio index, so a pair's loss is computed the same way, to the bit, whatever the
+        caption block it arrives in and whichever actor scores it.
+        """
+        m = len(tokens)
+        out = np.empty((self.n_audios, m), dtype=np.float32)
+        with torch.inference_mode():
+            for j in range(m):
+                tok = torch.tensor(tokens[j], dtype=torch.long, device=self.device)[None]
+                assert tok.shape[1] >= 2, f"caption {j} has no target token: {tokens[j]}"
+                prefix = self.fast.prefix(tok[:, :-1])
+                for a0, a1, S, padded in self._chunks(tok.shape[1] - 1):
+                    mask = self.mask[a0:a1, :S] if padded else None
+                    losses = self.fast.losses(prefix, self._kv(slice(a0, a1), S), mask, tok[:, 1:])
+                    out[self.order[a0:a1], j] = losses.cpu().numpy()
+        return out
+
+    def loss_at(self, tokens: list[list[int]], audio_index, caption_index) -> np.ndarray:
+        """Losses (P,) float32 of the pairs (audio_index[p], tokens[caption_index[p]]) (audio
+        positions in the constructor's frames), computed the way `loss_matrix` computes them.
+
+        A pair runs as in `loss_matrix`: its caption's prefix computed alone, its audio
+        padded to the frame count of its fixed chunk. Pairs of captions with the same
+        length whose audios fall in the same chunk share forwards (one prefix per pair,
+        stacked); the rows of a forward do not mix. The BLAS kernels may still round a row
+        differently when the forward has another row count (a one-pair forward does on this
+        CPU, so a lone pair takes a neighbour along; seen otherwise: 1 pair in 1,600 off by
+        one ulp for a width-32 model, none at the paper's width), so the losses equal
+        `loss_matrix`'s to the last bit, not always in it. Captions with the same tokens get
+        the same bits (computed once), so duplicate captions tie exactly, as in
+        `loss_matrix`. The fp32 half of precision "bf16-refined" (`refine_block`).
+        """
+        audio_index = np.asarray(audio_index, dtype=np.int64)
+        caption_index = np.asarray(caption_index, dtype=np.int64)
+        if audio_index.size == 0:
+            return np.empty(0, dtype=np.float32)
+        # one computation per distinct (audio, token sequence)
+        first: dict[tuple, int] = {}
+        canon = np.array([first.setdefault(tuple(tokens[c]), int(c)) for c in caption_index.tolist()], dtype=np.int64)
+        pairs, back = np.unique(np.stack([audio_index, canon], axis=1), axis=0, return_inverse=True)
+        if pairs.shape[0] < audio_index.size:
+            return self.loss_at(tokens, pairs[:, 0], pairs[:, 1])[back.reshape(-1)]
+        out = np.empty(audio_index.size, dtype=np.float32)
+        ranks = self.rank_of[audio_index]
+        T_of = np.array([len(tokens[c]) - 1 for c in caption_index], dtype=np.int64)
+        chunk_of = np.empty_like(ranks)
+        for T in np.unique(T_of):
+            sel = T_of == T
+            starts = np.array([c[0] for c in self._chunks(int(T))])
+            chunk_of[sel] = np.searchsorted(starts, ranks[sel], side="right") - 1
+        prefixes: dict[int, Prefix] = {}
+        with torch.inference_mode():
+
+            def prefix(c: int) -> Prefix:
+                if c not in prefixes:
+                    tok = torch.tensor(tokens[c], dtype=torch.long, device=self.device)[None]
+                    prefixes[c] = self.fast.prefix(tok[:, :-1])
+                return prefixes[c]
+
+            order = np.lexsort((caption_index, ranks, chunk_of, T_of))
+            key = np.stack([T_of[order], chunk_of[order]], axis=1)
+            bounds = np.flatnonzero((key[1:] != key[:-1]).any(axis=1)) + 1
+            for grp in np.split(order, bounds):
+                T = int(T_of[grp[0]])
+                a0, a1, S, padded = self._chunks(T)[int(chunk_of[grp[0]])]
+                per = a1 - a0 if self.max_rows is None else max(1, self.max_rows // T)
+                for g0 in range(0, grp.size, per):
+                    sel = grp[g0 : g0 + per]
+                    rows, caps = ranks[sel], caption_index[sel]
+                    if sel.size == 1 and a1 - a0 > 1:  # a neighbour along (its loss is dropped)
+                        rows = np.append(rows, rows[0] + 1 if rows[0] + 1 < a1 else rows[0] - 1)
+                        caps = np.append(caps, caps[0])
+                    ps = [prefix(int(c)) for c in caps]
+                    pre = Prefix(torch.cat([p.x for p in ps]), torch.cat([p.q for p in ps]))
+                    target = torch.tensor([tokens[int(c)][1:] for c in caps], dtype=torch.long, device=self.device)
+                    r = torch.as_tensor(rows, device=self.device)
+                    mask = self.mask[r, :S] if padded else None
+                    losses = self.fast.losses(pre, self._kv(r, S), mask, target).cpu().numpy()
+                    out[sel] = losses[: sel.size]
+        return out
+
+    def loss_pairs(self, audio_index: list[int], tokens: list[list[int]]) -> np.ndarray:
+        """Losses (P,) float32 of listed pairs: audio_index[p] (position in the frames given
+        to the constructor) with tokens[p]. Same numerics as `loss_matrix` (the same fast
+        forward, here over batches of different captions, right-padded)."""
+        P = len(tokens)
+        out = np.empty(P, dtype=np.float32)
+        if P == 0:
+            return out
+        rows = self.rank_of[np.asarray(audio_index, dtype=np.int64)]
+        lengths = np.array([len(t) for t in tokens])
+        p_order = np.lexsort((lengths, rows))
+        size = self.pairs_per_batch
+        if self.max_rows is not None:
+            size = max(1, min(size, self.max_rows // int(lengths.max())))
+        with torch.inference_mode():
+            for p0 in range(0, P, size):
+                idx = p_order[p0 : p0 + size]
+                r = torch.as_tensor(rows[idx], device=self.device)
+                S = int(self.lens[rows[idx]].max())
+                T = int(lengths[idx].max())
+                tok = torch.full((len(idx), T), self.pad_id, dtype=torch.long)
+                for j, i in enumerate(idx):
+                    tok[j, : len(tokens[i])] = torch.tensor(tokens[i])
+                tok = tok.to(self.device)
+                mask = self.mask[r, :S]
+                prefix = self.fast.prefix(tok[:, :-1])
+                losses = self.fast.losses(
+                    prefix, self._kv(r, S), mask if bool(mask.any()) else None, tok[:, 1:], self.pad_id
+                )
+                out[idx] = losses.cpu().numpy()
+        return out
+
+    def _module_loss_matrix(self, tokens: list[list[int]]) -> np.ndarray:
+        """The plain-module path this class used before `FastDecoder`: `pair_loss_memory`
+        (the whole nn.TransformerDecoder, bf16 through autocast) for one caption against
+        chunks of pairs_per_batch audios. A reference for tests and jobs/bench_scoring.py."""
+        m = len(tokens)
+        out = np.empty((self.n_audios, m), dtype=np.float32)
+        with torch.inference_mode(), self.autocast:
+            for j in range(m):
+                tok = torch.tensor(tokens[j], dtype=torch.long, device=self.device)[None]
+                for a0 in range(0, self.n_audios, self.pairs_per_batch):
+                    a1 = min(a0 + self.pairs_per_batch, self.n_audios)
+                    S = int(self.lens[a1 - 1])
+                    losses = pair_loss_memory(
+                        self.model, self.memory[a0:a1, :S], self.mask[a0:a1, :S], tok.expand(a1 - a0, -1), self.pad_id
+                    )
+                    out[self.order[a0:a1], j] = losses.float().cpu().numpy()
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# bf16 screening, fp32 decisions ("bf16-refined")
+# --------------------------------------------------------------------------------------
+
+REFINE_MARGIN = 0.01
+"""Default bound on bf16's loss error, relative to the loss: measured at most 3.4e-3 (99.99%
+of pairs below 2.4e-3) over 288,000 pairs of the demo checkpoint, so about 3x headroom; a
+margin of 0.005 instead re-scores 8.2% of those pairs rather than 9.0% (docs/benchmarks.md)."""
+
+
+def _window(P: np.ndarray, D: np.ndarray, k: int) -> np.ndarray:
+    """Scores P (Q, C) known to within +-D (Q, C) -> bool (Q, C): per query (row), every
+    candidate that could be among its k smallest true scores, i.e. whose lower bound P - D is
+    at most the k-th smallest upper bound P + D of its row. The true top k of a row is inside
+    (the k-th smallest true score is at most the k-th smallest upper bound), and a candidate
+    outside lies strictly above every candidate of the true top k."""
+    k = min(k, P.shape[1])
+    if k < 1 or P.size == 0:
+        return np.zeros(P.shape, dtype=bool)
+    kth = np.partition(P + D, k - 1, axis=1)[:, k - 1 : k]
+    return (P - D) <= kth
+
+
+def refine_block(
+    L: np.ndarray,
+    rescore,
+    k: int,
+    margin: float = REFINE_MARGIN,
+    stat_rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict]:
+    """bf16 losses of a block (N audios x m captions) -> the block with fp32 losses on every
+    pair that decides a top-k list or a caption's min/max, so that `score_block` gives the
+    lists fp32 gives (up to fp32's own last-bit rounding), while most pairs stay bf16.
+
+    L (N, m) bf16-scored losses; rescore(rows, cols) -> fp32 losses of the pairs (rows[i],
+    cols[i]) (int arrays); margin: the assumed bound on |bf16 - fp32| as a fraction of the
+    loss. stat_rows: the audios the caption min/max run over (reindex's estimated min/max),
+    None for all N. Two rescoring rounds:
+      1. per caption: its T2A window (`_window` with k), and the windows of its min and max
+         over stat_rows; then min and max are exact, and so are the min-max spans;
+      2. per audio: its raw A2T window and its min-max A2T window over the block's captions
+         (min-max bounds: D / span), the pairs of round 1 counting as exact (D = 0).
+    A caption whose min equals its max (span 0) has undefined min-max bounds: its pairs
+    count as candidates of every min-max window.
+
+    Returns (refined L float64, info): info = {pairs, rescored, max_rel_err} where
+    max_rel_err is the largest |bf16 - fp32| / |fp32| seen on the rescored pairs: the
+    guarantee assumes it stays below margin everywhere.
+    """
+    if margin <= 0:
+        raise ValueError(f"margin must be > 0, got {margin}")
+    L = np.array(L, dtype=np.float64)
+    N, m = L.shape
+    D = margin * np.abs(L)
+    seen, n_rescored = 0.0, 0
+
+    def fix(mask: np.ndarray) -> None:
+        nonlocal seen, n_rescored
+        rows, cols = np.nonzero(mask & (D > 0))
+        if rows.size == 0:
+            return
+        exact = np.asarray(rescore(rows, cols), dtype=np.float64)
+        assert exact.shape == rows.shape, f"rescore returned {exact.shape}, expected {rows.shape}"
+        rel = np.abs(L[rows, cols] - exact) / np.maximum(np.abs(exact), 1e-12)
+        seen = max(seen, float(rel.max()))
+        n_rescored += rows.size
+        L[rows, cols] = exact
+        D[rows, cols] = 0.0
+
+    rows_s = np.arange(N) if stat_rows is None else np.asarray(stat_rows, dtype=np.int64)
+    Ls, Ds = L[rows_s], D[rows_s]
+    t2a = _window(L.T, D.T, k).T
+    lo = np.zeros_like(t2a)
+    hi = np.zeros_like(t2a)
+    lo[rows_s] = _window(Ls.T, Ds.T, 1).T
+    hi[rows_s] = (Ls + Ds) >= (Ls - Ds).max(axis=0, keepdims=True)
+    fix(t2a | lo | hi)
+    mn, mx = L[rows_s].min(axis=0), L[rows_s].max(axis=0)
+    span = mx - mn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        S = np.where(span > 0, (L - mn) / np.where(span > 0, span, 1.0), 0.0)
+        DS = np.where(span > 0, D / np.where(span > 0, span, 1.0), np.where(D > 0, np.inf, 0.0))
+    fix(_window(L, D, k) | _window(S, DS, k))
+    return L, {"pairs": int(N * m), "rescored": n_rescored, "max_rel_err": seen}
+
+
+class BlockScorer:
+    """The losses score_matrix and reindex rank, for one fixed audio index.
+
+    precision "fp32" or "bf16": `PairScorer` at that precision. "bf16-refined": a bf16
+    `PairScorer` screens every pair and an fp32 one re-scores the pairs that decide the
+    block's top-k lists and caption min/max (`refine_block`): the rankings of fp32 at close
+    to bf16's speed once the index is large (docs/benchmarks.md).
+    """
+
+    def __init__(self, model, pad_id, frames, device="cpu", precision="fp32", pairs_per_batch=4096, margin=REFINE_MARGIN):
+        self.refined = precision == "bf16-refined"
+        self.margin = margin
+        self.scorer = PairScorer(model, pad_id, frames, device, "bf16" if self.refined else precision, pairs_per_batch)
+        self.exact = PairScorer(model, pad_id, frames, device, "fp32", pairs_per_batch) if self.refined else None
+
+    def losses(self, tokens: list[list[int]], k: int, stat_rows=None) -> tuple[np.ndarray, dict | None]:
+        """Token lists of m captions -> (losses (N, m), refine info or None)."""
+        L = self.scorer.loss_matrix(tokens)
+        if not self.refined:
+            return L, None
+
+        def rescore(rows, cols):
+            return self.exact.loss_at(tokens, rows, cols)
+
+        return refine_block(L, rescore, k, self.margin, stat_rows)
+
+
+def refine_summary(margin: float, pairs: int, rescored: int, max_rel_err: float) -> dict:
+    """metrics.json's "refine" entry; logs a warning when bf16's error exceeded the margin."""
+    if max_rel_err > margin:
+        log.warning(
+            "bf16-refined: a rescored pair's bf16 loss was off by %.2e of its fp32 loss, above refine_margin "
+            "%.2e: the top-k lists may differ from fp32's. Raise refine_margin (or use precision fp32).",
+            max_rel_err, margin,
+        )
+    return {
+        "margin": margin,
+        "rescored_pairs": int(rescored),
+        "rescored_share": round(rescored / max(pairs, 1), 5),
+        "max_rel_err_seen": float(f"{max_rel_err:.3e}"),
+        "within_margin": bool(max_rel_err <= margin),
+    }
+
+
+def reference_loss_matrix(model: CaptionDecoder, pad_id: int, frames: list[np.ndarray], tokens: list[list[int]]) -> np.ndarray:
+    """The plain loop: one `pair_loss` call per (audio, caption) pair. For tests."""
+    model.eval()
+    out = np.empty((len(frames), len(tokens)), dtype=np.float32)
+    with torch.inference_mode():
+        for i, f in enumerate(frames):
+            x = torch.tensor(np.asarray(f, np.float32))[None]
+            for j, t in enumerate(tokens):
+                out[i, j] = float(pair_loss(model, x, None, torch.tensor([t]), pad_id)[0])
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and their checks
+# --------------------------------------------------------------------------------------
+
+
+def check_inputs(audio, audio_desc: str, table: pa.Table, captions_desc: str):
+    """(caption ids, texts, ground-truth audio or None, problems) of a caption table against
+    an audio index: bad embeddings, an empty index or caption set, duplicate caption ids,
+    captions whose ground-truth audio is not in the index. Shared by score_matrix and perturb."""
+    bad = [f"audio {a}: {why}" for a, why in check_embeddings(audio, "index")]
+    if not audio.audio_ids:
+        bad.append(f"the audio index {audio_desc} is empty")
+    cids = table.column("caption_id").to_pylist()
+    texts = table.column("text").to_pylist()
+    gts = table.column("audio_id").to_pylist()
+    if not cids:
+        bad.append(f"the caption set {captions_desc} is empty")
+    dups = duplicate_ids(cids)
+    if dups:
+        bad.append(f"duplicate caption ids: {dups[:10]}")
+    index = set(audio.audio_ids)
+    missing = [(c, a) for c, a in zip(cids, gts, strict=True) if a is not None and a not in index]
+    if missing:
+        bad.append(
+            f"{len(missing)} caption(s) whose ground-truth audio is not in the index, e.g. "
+            f"{missing[:5]}: add those audios to the index or select matching subsets"
+        )
+    return cids, texts, gts, bad
+
+
+def tokenize(tok: WordTokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """The scorer's tokenisation: bos .. eos, cut to max_tokens keeping eos."""
+    out = []
+    for t in texts:
+        ids = tok.encode(t)
+        if len(ids) > max_tokens:
+            ids = ids[: max_tokens - 1] + [tok.eos_id]
+        out.append(ids)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# What a scorer holds
+# --------------------------------------------------------------------------------------
+
+
+def scorer_memory(
+    n_audios: int, max_frames: int, cfg: DecoderConfig, n_params: int, precision: str,
+    block_captions: int, embed_width: int = 768,
+) -> dict[str, int]:
+    """Bytes one actor needs to score blocks of `block_captions` captions against N audios
+    of at most S = max_frames frames, by part (a `BlockScorer` at `precision`):
+    - embeddings: the N x S x embed_width float32 frames read at start-up;
+    - model: fp32 weights, plus the bf16 copies FastDecoder keeps for bf16;
+    - index: the projected memory N x S x D fp32 and its N x S padding mask, per scorer;
+    - kv_cache: every layer's cross-attention keys and values, 2 x layers x N x S x D in the
+      compute dtype, per scorer (bf16-refined holds a bf16 and an fp32 scorer);
+    - block: one block's losses N x block float32, plus refinement's float64 work arrays.
+    Peak need is their sum (the frames are freed once the scorers are built, but the
+    scorers are built while they are held)."""
+    N, S, D, layers = int(n_audios), int(max_frames), cfg.d_model, cfg.n_layers
+    scorers = {"fp32": [4], "bf16": [2], "bf16-refined": [2, 4]}[precision]
+    cells = N * S
+    parts = {
+        "embeddings": cells * embed_width * 4,
+        "model": n_params * 4 + (n_params * 2 if 2 in scorers else 0),
+        "index": len(scorers) * cells * (D * 4 + 1),
+        "kv_cache": sum(2 * layers * cells * D * b for b in scorers),
+        "block": N * block_captions * (4 + (6 * 8 if precision == "bf16-refined" else 0)),
+    }
+    parts["total"] = sum(parts.values())
+    return parts

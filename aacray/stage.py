@@ -1,0 +1,160 @@
+"""The skeleton every Ray stage shares: actor set-up, the actor-pool mapping, the output's life.
+
+A stage (extract, score_matrix, caption, perturb, reindex) reads as named phases:
+plan (read and check inputs in the driver), set up (`Output.begin`, start Ray), run (a Ray
+Data pipeline whose GPU/CPU step is `map_actors`), reduce, commit (`Output.commit`). What
+each actor does once in its constructor is `actor_setup`: pick the device, size torch's
+thread pool to the CPUs Ray reserved for it, load the checkpoint.
+
+The output lifecycle is the storage contract (aacray/storage.py): the old manifest is
+removed before anything else is touched, tables and side files are written, and the
+manifest is written last, so a reader never takes a half-written output for a complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from aacray import storage
+from aacray.config import ActorConfig, dump_yaml
+
+log = logging.getLogger("aacray.stage")
+
+
+# --------------------------------------------------------------------------------------
+# Actors
+# --------------------------------------------------------------------------------------
+
+
+def actor_device(actors: ActorConfig) -> str:
+    """The device of an actor of this pool: cuda when the pool asks for GPUs and one is
+    visible, else cpu with torch's intra-op pool sized to the CPUs reserved per actor (Ray
+    sets no thread limit, and two actors on a 2-core node would each start 2 threads)."""
+    import torch
+
+    if actors.num_gpus > 0 and torch.cuda.is_available():
+        return "cuda"
+    torch.set_num_threads(max(1, int(actors.num_cpus)))
+    return "cpu"
+
+
+def actor_setup(actors: ActorConfig, checkpoint: str):
+    """(device, model, tokenizer, checkpoint info) for an actor's constructor."""
+    from aacray import checkpoint as ckpt_lib
+
+    device = actor_device(actors)
+    model, tok, info = ckpt_lib.load(checkpoint, device)
+    return device, model, tok, info
+
+
+def map_actors(ds, actor_cls: type, kwargs: dict, actors: ActorConfig, *, batch_size: int | None = None,
+               one_task_per_actor: bool = False, pool_size: int | None = None):
+    """`ds.map_batches` on a fixed-size actor pool with the pool's resources from config.
+
+    batch_size: rows per call (default `actors.batch_size`). one_task_per_actor: a row is a
+    long unit of work (a caption block, a reindex unit): one in flight per actor, so a unit
+    never queues behind another on a busy actor while a free one idles. pool_size: fewer
+    actors than configured when there are fewer units than actors.
+    """
+    import ray.data
+
+    strategy = {"max_tasks_in_flight_per_actor": 1} if one_task_per_actor else {}
+    memory = {"memory": int(actors.memory_gb * 2**30)} if actors.memory_gb else {}
+    return ds.map_batches(
+        actor_cls,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size or actors.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool_size or actors.num_actors, **strategy),
+        num_gpus=actors.num_gpus,
+        num_cpus=actors.num_cpus,
+        **memory,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The output
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Output:
+    """One job's output folder (local or s3://) through its lifecycle.
+
+    `begin` invalidates an old output (manifest first) and clears the tables this job
+    writes, then saves the resolved config beside them; `table` and `json` write the parts;
+    `commit` writes the manifest last, listing every Parquet file of each table.
+    """
+
+    uri: str
+    job: str
+    tables: list[str]
+
+    def begin(self, cfg: Any, clear: list[str] | None = None) -> Output:
+        storage.begin_output(self.uri, self.tables + list(clear or []))
+        storage.write_text(self.path("config.yaml"), dump_yaml(cfg))
+        return self
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
+
+    def table(self, name: str, table, rows_per_file: int = 1 << 20) -> list[str]:
+        assert name in self.tables, f"{name} is not a table of {self.job} ({self.tables})"
+        return storage.write_table(self.uri, name, table, rows_per_file)
+
+    def json(self, name: str, obj: Any) -> None:
+        storage.write_json(self.path(name), obj)
+
+    def commit(self, extra: dict | None = None) -> dict:
+        return storage.commit_output(self.uri, self.job, extra, self.tables)
+
+
+# --------------------------------------------------------------------------------------
+# Memory guard
+# --------------------------------------------------------------------------------------
+
+
+def actor_memory(actors: ActorConfig) -> tuple[int | None, str]:
+    """(bytes one actor of this pool may hold, where the figure comes from); None when it
+    cannot be known here (a GPU pool seen from a driver without a GPU)."""
+    if actors.memory_gb is not None:
+        return int(actors.memory_gb * 2**30), "actors.memory_gb"
+    if actors.num_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, "the GPU of a worker (not visible from this driver)"
+        total = torch.cuda.get_device_properties(0).total_memory
+        return int(total * min(1.0, actors.num_gpus)), f"{torch.cuda.get_device_name(0)} memory x {min(1.0, actors.num_gpus):g}"
+    import ray
+
+    best = 0
+    for node in ray.nodes() if ray.is_initialized() else []:
+        res = node.get("Resources", {})
+        if not node.get("Alive") or res.get("CPU", 0) < actors.num_cpus:
+            continue
+        per_node = max(1, min(actors.num_actors, int(res["CPU"] // max(actors.num_cpus, 1e-9))))
+        best = max(best, int(res.get("memory", 0) // per_node))
+    if best:
+        return best, "the largest Ray node's memory shared by the actors it can host"
+    per_node = max(1, min(actors.num_actors, int((os.cpu_count() or 1) // max(actors.num_cpus, 1e-9))))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // per_node, "this machine's memory shared by the actors it can host"
+
+
+def check_actor_memory(job: str, need: dict[str, int], actors: ActorConfig, ways_out: str) -> None:
+    """Log what one actor will hold and refuse, before any actor starts, when it cannot fit."""
+    from aacray.errors import BadInputError
+
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items() if k != "total")
+    have, source = actor_memory(actors)
+    log.info("%s: each actor holds %s (%s); available: %s (%s)", job, gib(need["total"]), parts,
+             gib(have) if have else "unknown", source)
+    if have is not None and need["total"] > have:
+        raise BadInputError(
+            f"{job}: one actor needs {gib(need['total'])} ({parts}) but may hold {gib(have)} ({source}). "
+            f"Ways out: {ways_out}"
+        )
