@@ -102,21 +102,8 @@ class ScorerConfig:
             raise ConfigError(f"refine_margin must be in (0, 1), got {self.refine_margin}")
 
 
-@dataclass
-class InputConfig:
-    """An audio source: a Clotho or AudioCaps root read through aac-datasets, or a manifest."""
-
-    kind: Literal["clotho", "audiocaps", "manifest"] = "clotho"
-    root: str = ""
-    """Dataset root holding CLOTHO_v2.1/ or AUDIOCAPS/ (clotho, audiocaps)."""
-    subsets: list[str] = field(default_factory=lambda: ["dev", "val", "eval"])
-    """aac-datasets subset names (clotho: dev, val, eval; audiocaps: train, val, test)."""
-    manifest: str = ""
-    """CSV or Parquet with columns `audio` (URI), optional `audio_id`, `subset`, `caption*`."""
-
-
 # --------------------------------------------------------------------------------------
-# Jobs
+# Jobs, in pipeline order: demo corpus, extract, train, score_matrix, caption, perturb, reindex
 # --------------------------------------------------------------------------------------
 
 
@@ -133,6 +120,19 @@ class DemoCorpusConfig:
     max_seconds: float = 10.0
     sample_rate: int = 44100
     """Clotho ships 44.1 kHz audio; the front-end resamples to 32 kHz."""
+
+
+@dataclass
+class InputConfig:
+    """An audio source: a Clotho or AudioCaps root read through aac-datasets, or a manifest."""
+
+    kind: Literal["clotho", "audiocaps", "manifest"] = "clotho"
+    root: str = ""
+    """Dataset root holding CLOTHO_v2.1/ or AUDIOCAPS/ (clotho, audiocaps)."""
+    subsets: list[str] = field(default_factory=lambda: ["dev", "val", "eval"])
+    """aac-datasets subset names (clotho: dev, val, eval; audiocaps: train, val, test)."""
+    manifest: str = ""
+    """CSV or Parquet with columns `audio` (URI), optional `audio_id`, `subset`, `caption*`."""
 
 
 @dataclass
@@ -209,141 +209,6 @@ class TrainConfig:
             raise ConfigError("epochs, batch_size and num_workers must be >= 1")
 
 
-# --------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against annotation `tp`; return it (ints widened to float)."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key}: must not be null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item_tp,) = get_args(tp)[:1] or (Any,)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return _build(tp, value, key)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected bool, got {type(value).__name__} {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
-
-
-def _build(cls: type[T], data: dict, prefix: str = "") -> T:
-    hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        names = ", ".join(f"{prefix}{k}" if not prefix else f"{prefix}.{k}" for k in unknown)
-        raise ConfigError(
-            f"unknown config key {names} for {cls.__name__}; known keys: {sorted(fields)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(value, hints[name], key)
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise ConfigError(f"{prefix + ': ' if prefix else ''}{e}") from None
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        child = node.get(p)
-        if child is None:
-            child = node[p] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: {p} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type[T], data: dict) -> T:
-    return _build(cls, data)
-
-
-def load_config(cls: type[T], argv: list[str]) -> T:
-    """Build `cls` from `CONFIG.yaml [key=value ...]` (argv without the program name)."""
-    if not argv or "=" in argv[0]:
-        raise ConfigError(f"usage: python jobs/<job>.py CONFIG.yaml [key.sub=value ...] ({cls.__name__})")
-    path, overrides = argv[0], argv[1:]
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like key.sub=value")
-        key, raw = ov.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
-    try:
-        return _build(cls, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
 @dataclass
 class ScoreConfig:
     """`jobs/score_matrix.py`: every audio x caption pair scored by the decoder's loss."""
@@ -373,18 +238,6 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if self.k < 1 or self.caption_block_size < 1:
             raise ConfigError(f"k and caption_block_size must be >= 1, got k={self.k}, caption_block_size={self.caption_block_size}")
-
-
-def saved_score_config(data: dict) -> ScoreConfig:
-    """A score_matrix output's saved config.yaml -> ScoreConfig, also for outputs written
-    before the `scorer` section existed (top-level precision / pairs_per_batch /
-    refine_margin, and the test hook fail_on_block, which is no config key any more)."""
-    data = dict(data)
-    data.pop("fail_on_block", None)
-    moved = {k: data.pop(k) for k in ("precision", "pairs_per_batch", "refine_margin") if k in data}
-    if moved:
-        data["scorer"] = {**moved, **(data.get("scorer") or {})}
-    return from_dict(ScoreConfig, data)
 
 
 @dataclass
@@ -534,3 +387,150 @@ class ReindexConfig:
             raise ConfigError(f"keep_versions must be >= 1, got {self.keep_versions}")
         if self.inline_max_pairs < 0:
             raise ConfigError(f"inline_max_pairs must be >= 0, got {self.inline_max_pairs}")
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`; return it (ints widened to float)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
+
+
+def _build(cls: type[T], data: dict, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(f"{prefix}{k}" if not prefix else f"{prefix}.{k}" for k in unknown)
+        raise ConfigError(
+            f"unknown config key {names} for {cls.__name__}; known keys: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{prefix + ': ' if prefix else ''}{e}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    return _build(cls, data)
+
+
+def load_config(cls: type[T], argv: list[str]) -> T:
+    """Build `cls` from `CONFIG.yaml [key=value ...]` (argv without the program name)."""
+    if not argv or "=" in argv[0]:
+        raise ConfigError(f"usage: python jobs/<job>.py CONFIG.yaml [key.sub=value ...] ({cls.__name__})")
+    path, overrides = argv[0], argv[1:]
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        key, raw = ov.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    try:
+        return _build(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def saved_score_config(data: dict) -> ScoreConfig:
+    """A score_matrix output's saved config.yaml -> ScoreConfig, also for outputs written
+    before the `scorer` section existed (top-level precision / pairs_per_batch /
+    refine_margin, and the test hook fail_on_block, which is no config key any more)."""
+    data = dict(data)
+    data.pop("fail_on_block", None)
+    moved = {k: data.pop(k) for k in ("precision", "pairs_per_batch", "refine_margin") if k in data}
+    if moved:
+        data["scorer"] = {**moved, **(data.get("scorer") or {})}
+    return from_dict(ScoreConfig, data)
