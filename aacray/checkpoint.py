@@ -4,9 +4,20 @@ Layout (a local folder or an s3:// prefix):
   model.pt        torch.save of plain tensors and numbers only (loads with weights_only=True):
                   {"model", "decoder_config", "vocab_size", "tokenizer_sha256" (the digest of
                   tokenizer.json's content, checked on load), "epoch", and for resuming
-                  "optimizer", "scheduler"}
+                  "optimizer", "scheduler", "history", "resumes"}
   tokenizer.json  the word-level `tokenizers` file the model was trained with
   config.yaml     the resolved training config
+  _COMPLETE.json  written last: the epoch and each file's size and sha256
+
+A writer can be interrupted between any two files (a local file or an S3 object is
+itself whole or absent), and a retried writer may overwrite a folder an earlier one left
+half-written. So a folder is complete only when `_COMPLETE.json` exists and every file
+it lists has the listed size and digest (`incomplete_reason`); training resumes only
+from complete folders. `load` does not demand the marker: checkpoints written before it
+existed still load, and its own checks say what is wrong with a file.
+
+A training run keeps its checkpoints as `checkpoint_epoch_NNNN` folders under one run
+folder (`run_checkpoints` lists them, newest first).
 
 Inference always rebuilds the model from this folder, never from today's YAML. A
 training output folder (runs/.../train_decoder) is accepted too: its manifest names the
@@ -18,7 +29,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
+import re
+from collections.abc import Callable
 
 import torch
 
@@ -26,28 +40,111 @@ from aacray import storage
 from aacray.decoder import CaptionDecoder, DecoderConfig
 from aacray.text import WordTokenizer
 
+MARKER = "_COMPLETE.json"
+FILES = ("model.pt", "tokenizer.json", "config.yaml")
+_RUN_FOLDER = re.compile(r"^checkpoint_epoch_(\d+)$")
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 
-def save(folder: str, model: CaptionDecoder, tokenizer: WordTokenizer, config_yaml: str, epoch: int, extra: dict | None = None) -> None:
+def save(
+    folder: str,
+    model: CaptionDecoder,
+    tokenizer: WordTokenizer,
+    config_yaml: str,
+    epoch: int,
+    extra: dict | None = None,
+    on_file_written: Callable[[str], None] | None = None,
+) -> None:
+    """Write the checkpoint's files one by one, `_COMPLETE.json` last. `on_file_written`
+    is called with each file's name once it is written (before the marker)."""
     state = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "decoder_config": dataclasses.asdict(model.cfg),
         "vocab_size": tokenizer.vocab_size,
-        "tokenizer_sha256": _tokenizer_digest(tokenizer),
+        "tokenizer_sha256": tokenizer_digest(tokenizer),
         "epoch": epoch,
         **(extra or {}),
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    storage.write_bytes(storage.join(folder, "model.pt"), buf.getvalue())
-    storage.write_text(storage.join(folder, "tokenizer.json"), tokenizer.to_str())
-    storage.write_text(storage.join(folder, "config.yaml"), config_yaml)
+    files = {
+        "model.pt": buf.getvalue(),
+        "tokenizer.json": tokenizer.to_str().encode("utf-8"),
+        "config.yaml": config_yaml.encode("utf-8"),
+    }
+    write_files(folder, files, epoch, on_file_written)
 
 
-def _tokenizer_digest(tok: WordTokenizer) -> str:
+def write_files(folder: str, files: dict[str, bytes], epoch: int, on_file_written: Callable[[str], None] | None = None) -> None:
+    """Write `files` into `folder` in order, then the marker that lists them."""
+    for name, data in files.items():
+        storage.write_bytes(storage.join(folder, name), data)
+        if on_file_written is not None:
+            on_file_written(name)
+    listing = {name: {"bytes": len(data), "sha256": _sha256(data)} for name, data in files.items()}
+    storage.write_text(storage.join(folder, MARKER), json.dumps({"epoch": epoch, "files": listing}, indent=2) + "\n")
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy a complete checkpoint folder (local or s3://) to `dst`, the marker last."""
+    marker = storage.read_json(storage.join(src, MARKER))
+    files = {name: storage.read_bytes(storage.join(src, name)) for name in marker["files"]}
+    write_files(dst, files, int(marker["epoch"]))
+
+
+def incomplete_reason(folder: str) -> str | None:
+    """None when `folder` is a complete checkpoint, else why it is not (for a log line)."""
+    try:
+        marker = storage.read_json(storage.join(folder, MARKER))
+        listing = marker["files"]
+    except FileNotFoundError:
+        return f"no {MARKER}: its writer stopped before it finished (half-written)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{MARKER} is unreadable ({type(e).__name__}: {e})"
+    for name, want in listing.items():
+        try:
+            data = storage.read_bytes(storage.join(folder, name))
+        except FileNotFoundError:
+            return f"{name} is missing (half-written)"
+        if len(data) != want["bytes"] or _sha256(data) != want["sha256"]:
+            return (
+                f"{name} is not the file {MARKER} lists ({len(data)} bytes, {MARKER} says "
+                f"{want['bytes']}): half-overwritten or damaged"
+            )
+    return None
+
+
+def run_checkpoints(run: str) -> list[tuple[int, str]]:
+    """(epoch, folder URI) of every `checkpoint_epoch_NNNN` folder under `run`, newest first.
+    Other `checkpoint_*` folders (older aacray versions named them by time) come last,
+    with epoch -1."""
+    fs, path = storage.get_fs(run)
+    try:
+        entries = fs.ls(path, detail=True) if fs.exists(path) else []
+    except Exception as e:
+        raise storage.StorageError(f"listing {run} failed: {type(e).__name__}: {e}") from e
+    found = []
+    for entry in entries:
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") != "directory" or not name.startswith("checkpoint_"):
+            continue
+        m = _RUN_FOLDER.match(name)
+        found.append((int(m.group(1)) if m else -1, storage.join(run, name)))
+    return sorted(found, key=lambda item: (-item[0], item[1]))
+
+
+def run_checkpoint_name(epoch: int) -> str:
+    return f"checkpoint_epoch_{epoch:04d}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tokenizer_digest(tok: WordTokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
 
 
@@ -55,10 +152,22 @@ def resolve(uri: str) -> str:
     """A checkpoint folder, or a train_decoder output whose manifest points at one."""
     if storage.exists(storage.join(uri, "model.pt")):
         return uri
-    manifest = storage.read_manifest(uri)
+    if not storage.exists(storage.join(uri, storage.MANIFEST)):
+        # a train_decoder output has config.yaml too: only these mark a checkpoint folder
+        present = [name for name in ("tokenizer.json", MARKER) if storage.exists(storage.join(uri, name))]
+        if present:
+            raise CheckpointError(
+                f"{storage.join(uri, 'model.pt')}: missing (the folder holds {', '.join(present)}): "
+                "a checkpoint without its weights, e.g. a copy that stopped half-way; copy the "
+                "whole folder again, or point at the train_decoder output that wrote it"
+            )
+    manifest = storage.read_manifest(uri)  # names a crashed or unfinished output itself
     rel = manifest.get("extra", {}).get("checkpoint")
     if not rel:
-        raise CheckpointError(f"{uri}: neither a checkpoint folder (model.pt) nor a train_decoder output")
+        raise CheckpointError(
+            f"{uri}: neither a checkpoint folder (model.pt, tokenizer.json, config.yaml) nor a "
+            "train_decoder output: point `checkpoint` at one of them"
+        )
     return storage.join(uri, rel)
 
 
@@ -67,7 +176,10 @@ def load_state(folder: str) -> dict:
     try:
         data = storage.read_bytes(path)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found") from None
+        raise CheckpointError(
+            f"{path}: not found: the checkpoint has no weights; copy the whole folder again "
+            "or point at the train_decoder output that wrote it"
+        ) from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -77,14 +189,16 @@ def load_state(folder: str) -> dict:
         ) from None
 
 
-def load(uri: str, device: str | torch.device = "cpu") -> tuple[CaptionDecoder, WordTokenizer, dict]:
-    """(model in eval mode, tokenizer, info) from a checkpoint folder or training output."""
-    folder = resolve(uri)
-    state = load_state(folder)
+def _load_tokenizer(folder: str, state: dict) -> WordTokenizer:
+    path = storage.join(folder, "tokenizer.json")
     try:
-        tok = WordTokenizer.from_str(storage.read_bytes(storage.join(folder, "tokenizer.json")).decode("utf-8"))
+        tok = WordTokenizer.from_str(storage.read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{folder}: tokenizer.json is missing") from None
+        raise CheckpointError(
+            f"{path}: missing: the weights are unusable without the vocabulary they were "
+            "trained with; copy tokenizer.json from the folder train_decoder wrote (it keeps "
+            "model.pt and tokenizer.json together), or retrain"
+        ) from None
     if tok.vocab_size != state["vocab_size"]:
         raise CheckpointError(
             f"{folder}: tokenizer.json has {tok.vocab_size} words but the weights were trained "
@@ -92,18 +206,31 @@ def load(uri: str, device: str | torch.device = "cpu") -> tuple[CaptionDecoder, 
         )
     # same size is not same vocabulary: model.pt records its tokenizer's digest (older
     # checkpoints without it get the size check only)
-    if state.get("tokenizer_sha256", _tokenizer_digest(tok)) != _tokenizer_digest(tok):
+    if state.get("tokenizer_sha256", tokenizer_digest(tok)) != tokenizer_digest(tok):
         raise CheckpointError(
             f"{folder}: tokenizer.json is not the vocabulary the weights were trained with "
             "(its digest differs from the one model.pt records): the tokenizer does not belong "
             "to this checkpoint"
         )
+    return tok
+
+
+def load(uri: str, device: str | torch.device = "cpu") -> tuple[CaptionDecoder, WordTokenizer, dict]:
+    """(model in eval mode, tokenizer, info) from a checkpoint folder or training output."""
+    folder = resolve(uri)
+    state = load_state(folder)
+    tok = _load_tokenizer(folder, state)
     cfg = DecoderConfig(**state["decoder_config"])
     model = CaptionDecoder(cfg, tok.vocab_size, tok.pad_id)
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{folder}: weights do not fit the model: {str(e)[:300]}") from None
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(
+            f"{storage.join(folder, 'model.pt')}: its weights do not fit the decoder its own "
+            f"decoder_config and vocab_size describe ({detail}): the file was damaged or "
+            "edited; use the checkpoint folder train_decoder wrote, or retrain"
+        ) from None
     model.to(device).eval()
     digest = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
     info = {"folder": folder, "epoch": state.get("epoch"), "tokenizer_sha": digest, "vocab_size": tok.vocab_size}
@@ -112,7 +239,7 @@ def load(uri: str, device: str | torch.device = "cpu") -> tuple[CaptionDecoder, 
 
 def local_copy_dir(folder: str, tmp: str) -> str:
     """Copy a (possibly remote) checkpoint folder to a local temp dir; returns the local path."""
-    for name in ("model.pt", "tokenizer.json", "config.yaml"):
+    for name in FILES:
         src = storage.join(folder, name)
         if storage.exists(src):
             with open(os.path.join(tmp, name), "wb") as f:

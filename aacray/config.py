@@ -87,9 +87,10 @@ class ScorerConfig:
     fp32's rankings and metrics (to fp32's own last-bit rounding) at close to bf16's speed
     on large indexes; losses elsewhere (the `scores` table) stay bf16's. docs/benchmarks.md."""
     pairs_per_batch: int = 4096
-    """Audios per decoder forward inside an actor (one caption x this many audios; memory
-    knob). Outputs are bit-identical for any caption_block_size and actor count; changing
-    this or `precision` changes float rounding (last bits) only."""
+    """Pairs per decoder forward inside an actor (memory knob): score_matrix runs one caption
+    x this many audios, perturb this many listed pairs. score_matrix's outputs are
+    bit-identical for any caption_block_size and actor count; changing this or `precision`
+    changes float rounding (last bits) only."""
     refine_margin: float = 0.01
     """bf16-refined: the assumed bound on |bf16 - fp32| loss error, as a fraction of the loss
     (measured: up to 3.4e-3). Larger = more pairs re-scored; metrics.json reports the largest
@@ -181,7 +182,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 2.0
-    """AdamW weight decay; never applied to biases."""
+    """AdamW weight decay, never applied to 1-D parameters (biases, LayerNorm weights)."""
     grad_clip: float = 1.0
     label_smoothing: float = 0.2
     mixup_alpha: float = 0.4
@@ -259,10 +260,11 @@ class CaptionConfig:
     `text` and `audio_id`); matched to the captioned audios by audio_id. None: no metrics."""
     output: str = "runs/demo/caption"
     beam_size: int = 3
-    min_len: int = 0
-    """Fewest words per caption (eos is forbidden before)."""
+    min_len: int = 3
+    """eos is forbidden for the first min_len generated tokens (CoNeTTE: 3)."""
     max_len: int = 20
-    """Most words per caption."""
+    """Most generated tokens, eos included (CoNeTTE: 20); a caption cut there has max_len
+    words and no eos."""
     forbid_repeats: bool = True
     """A word may not appear twice in a caption unless it is an NLTK stopword (paper 3.3)."""
     metrics: list[
@@ -325,7 +327,8 @@ class PerturbConfig:
     seed: int = 0
     """Seed of the draws when alternatives is random."""
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
-    """precision fp32 or bf16 (bf16-refined refines ranked lists; perturb compares pairs)."""
+    """precision fp32 or bf16 (bf16-refined refines ranked lists; perturb compares pairs);
+    refine_margin is not used."""
     actors: ActorConfig = field(default_factory=ActorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -51,13 +51,19 @@ def list_clotho(root: str, subsets: list[str]) -> list[AudioItem]:
     items = []
     for s in subsets:
         if s not in CLOTHO_SUBSETS:
-            raise ValueError(f"unknown Clotho subset {s!r}; use one of {sorted(CLOTHO_SUBSETS)}")
+            raise ValueError(
+                f"unknown Clotho subset {s!r} in input.subsets; use one of {sorted(CLOTHO_SUBSETS)} "
+                f"({', '.join(f'{k} = {v}' for k, v in CLOTHO_SUBSETS.items())})"
+            )
         try:
             ds = Clotho(root, subset=s, download=False)
-        except RuntimeError as e:
+        except (RuntimeError, FileNotFoundError):
+            sub = CLOTHO_SUBSETS[s]
             raise FileNotFoundError(
-                f"Clotho subset {s!r} is not prepared under {root!r} (expected "
-                f"{root}/CLOTHO_v2.1/clotho_audio_files/{CLOTHO_SUBSETS[s]}/ and its CSV files): {e}"
+                f"Clotho subset {s!r} is not prepared under input.root={root!r}: expected "
+                f"{root}/CLOTHO_v2.1/clotho_audio_files/{sub}/ and "
+                f"{root}/CLOTHO_v2.1/clotho_csv_files/clotho_captions_{sub}.csv; fix input.root, or "
+                f"download Clotho there (`aac-datasets-download --root {root} clotho`)"
             ) from None
         cols = ds.get_item(None, ["fname", "fpath", "captions"])
         for fname, fpath, caps in zip(cols["fname"], cols["fpath"], cols["captions"], strict=True):
@@ -72,11 +78,15 @@ def list_audiocaps(root: str, subsets: list[str]) -> list[AudioItem]:
     items = []
     for s in subsets:
         if s not in AUDIOCAPS_SUBSETS:
-            raise ValueError(f"unknown AudioCaps subset {s!r}; use one of {sorted(AUDIOCAPS_SUBSETS)}")
+            raise ValueError(f"unknown AudioCaps subset {s!r} in input.subsets; use one of {sorted(AUDIOCAPS_SUBSETS)}")
         try:
             ds = AudioCaps(root, subset=s, download=False)
-        except (RuntimeError, FileNotFoundError) as e:
-            raise FileNotFoundError(f"AudioCaps subset {s!r} is not prepared under {root!r}: {e}") from None
+        except (RuntimeError, FileNotFoundError):
+            raise FileNotFoundError(
+                f"AudioCaps subset {s!r} is not prepared under input.root={root!r}: expected "
+                f"{root}/AUDIOCAPS/audio_32000Hz/{s}/ and {root}/AUDIOCAPS/csv_files_v1/{s}.csv; fix "
+                f"input.root, or download AudioCaps there (`aac-datasets-download --root {root} audiocaps`)"
+            ) from None
         cols = ds.get_item(None, ["fname", "fpath", "captions"])
         for fname, fpath, caps in zip(cols["fname"], cols["fpath"], cols["captions"], strict=True):
             items.append(AudioItem(fname, s, fpath, list(caps)))

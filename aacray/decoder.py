@@ -201,21 +201,32 @@ def spec_augment_frames(
     max_width: int = 2,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Zero `n_stripes` bands of the feature axis, each of width uniform in [0, max_width],
-    independently per example; a zeroed feature is zero in every frame. (B, S, E) -> same.
+    """Zero `n_stripes` bands of the feature axis, independently per example; a zeroed
+    feature is zero in every frame. (B, S, E) -> same.
+
+    Drawn as conette's DropStripes draws them: width uniform in [0, max_width) (exclusive,
+    so the default 2 gives widths 0 or 1; max_width is first clipped to E), start uniform
+    in [0, E - width) (so a stripe never reaches the last feature). Vectorised over the
+    batch: the distribution is conette's, the generator's draw order is not.
     """
     assert frames.ndim == 3, f"{frames.shape=}"
-    B, _, E = frames.shape
-    if n_stripes <= 0 or max_width <= 0:
+    if n_stripes <= 0 or max_width <= 0 or frames.shape[2] == 0:
         return frames
+    widths, starts = _stripe_draws(frames.shape[0], n_stripes, max_width, frames.shape[2], generator)
+    feat = torch.arange(frames.shape[2], device=widths.device)
+    mask = ((feat >= starts[..., None]) & (feat < (starts + widths)[..., None])).any(dim=1)
+    return frames.masked_fill(mask.to(frames.device)[:, None, :], 0.0)  # mask (B, E)
+
+
+def _stripe_draws(
+    B: int, n_stripes: int, max_width: int, E: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """(widths, starts), each (B, n_stripes) long, for `spec_augment_frames`."""
     dev = _gen_device(generator)
-    widths = torch.randint(0, max_width + 1, (B, n_stripes), generator=generator, device=dev)
-    starts = (torch.rand(B, n_stripes, generator=generator, device=dev) * (E - widths + 1)).long()
-    feat = torch.arange(E, device=dev)
-    mask = ((feat >= starts[..., None]) & (feat < (starts + widths)[..., None])).any(
-        dim=1
-    )  # (B, E)
-    return frames.masked_fill(mask.to(frames.device)[:, None, :], 0.0)
+    widths = torch.randint(0, min(max_width, E), (B, n_stripes), generator=generator, device=dev)
+    u = torch.rand(B, n_stripes, generator=generator, device=dev, dtype=torch.float64)
+    starts = (u * (E - widths)).long().clamp_max(E - widths - 1)
+    return widths, starts
 
 
 def mixup_lambda(

@@ -1,20 +1,28 @@
-"""Batched beam search with the paper's repetition rule (paper 3.3).
+"""Batched beam search with the paper's repetition rule (paper 3.3), as the authors run it.
 
+It follows conette 0.3.2's `generate` (tests/test_conette_parity.py compares the two on the
+same weights); the defaults are CoNeTTE's: beam 3, at least 3 words, at most 20 tokens.
 Choices worth knowing:
+- Masks act on the logits, before the log-softmax, so the allowed tokens renormalise: eos
+  is forbidden for the first `min_len` tokens; with `forbid_repeats`, a token already in
+  the hypothesis (bos included) may not come again unless it is a stopword (conette's
+  "content words" mask: every token but the stopwords, specials included); with
+  `ban_specials` (aacray's addition), pad, bos and unk are never generated. conette can
+  emit them; a trained model gives them almost no probability, and `ban_specials=False`
+  is conette's search exactly. If every token is forbidden, eos is allowed (conette would
+  get NaN).
+- Each audio has `beam_size` slots. Hypotheses are ranked by their summed log-probs; at
+  the first step only one beam is expanded, so the beams start with distinct words. A
+  hypothesis that emits eos, or reaches `max_len` tokens (then without eos), leaves the
+  beam with its score: the audio goes on with one beam fewer, and ends with beam_size
+  finished hypotheses. A hypothesis' score is its mean log-prob per generated token
+  (words and eos, not bos) under the masked distribution; the best mean wins (the first
+  slot on ties), no other length penalty. Without masks at work (no repeat forbidden, eos
+  not forbidden, no special banned) the score is -pair_loss of its tokens.
+- The new hypotheses of an audio fill its live slots in slot order, as conette's do.
 - All audios of a batch are decoded together: the audio memory is computed once per
-  audio and repeated for its beams; the decoder reruns over the whole prefix at each
-  step (captions are short, at most max_len + 2 tokens, so no key/value cache).
-- A hypothesis' score is the sum of the log-probabilities of its generated tokens,
-  words and eos (not bos): the caption's log-likelihood under the model's unmasked
-  distribution, so it equals -pair_loss * (n_words + 1) for the same caption. The
-  masks below only forbid tokens; they never renormalise. No length penalty.
-- Masks: pad, bos and unk are never generated; eos is forbidden before `min_len` words
-  and forced once a hypothesis holds `max_len` words; with `forbid_repeats`, a word that
-  is not in `stopwords` may appear at most once per caption. A hypothesis left with no
-  allowed token ends with eos rather than break a rule.
-- Beams that emitted eos stay in the beam with a frozen score and compete with the
-  live ones; the search stops when every beam of every audio has ended. The result is
-  the best-scoring beam per audio. beam_size=1 is greedy decoding.
+  audio and repeated for its beams; the decoder reruns over the whole prefix of the live
+  hypotheses at each step (captions are short, so no key/value cache).
 """
 
 from __future__ import annotations
@@ -35,19 +43,16 @@ class Generated(NamedTuple):
     text: str
     """The words, space-separated."""
     score: float
-    """Sum of log p of the generated words and eos (the caption's log-likelihood)."""
+    """Mean log p per generated token (words and eos) under the masked distribution."""
     tokens: list[int]
-    """[bos, w1, ..., wn, eos]: ready for `pair_loss` or `WordTokenizer.decode`."""
+    """[bos, w1, ..., wn, eos], or [bos, w1, ..., w_max_len] when cut at max_len; ready
+    for `pair_loss` or `WordTokenizer.decode`."""
 
 
 def content_word_mask(tokenizer: WordTokenizer, stopwords: Iterable[str] = STOPWORDS) -> Tensor:
-    """(V,) bool: True for words that may not repeat (not a special, not a stopword)."""
+    """(V,) bool: True for tokens that may not repeat: all but the stopwords (as conette)."""
     stop = frozenset(stopwords)
-    specials = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id}
-    return torch.tensor(
-        [i not in specials and w not in stop for i, w in enumerate(tokenizer.itos)],
-        dtype=torch.bool,
-    )
+    return torch.tensor([w not in stop for w in tokenizer.itos], dtype=torch.bool)
 
 
 def beam_search(
@@ -56,44 +61,67 @@ def beam_search(
     frame_pad_mask: Tensor | None,
     tokenizer: WordTokenizer,
     beam_size: int = 3,
-    min_len: int = 0,
+    min_len: int = 3,
     max_len: int = 20,
     forbid_repeats: bool = True,
     stopwords: Iterable[str] = STOPWORDS,
+    ban_specials: bool = True,
 ) -> list[Generated]:
     """Caption each audio. frames (B, S, E), frame_pad_mask (B, S) or None -> B results.
 
-    min_len / max_len count words (eos excluded). Runs in eval mode (the model's mode
-    is restored afterwards) under torch.inference_mode.
+    min_len: eos is forbidden for the first min_len tokens (at least min_len words);
+    max_len: most generated tokens, eos included. Runs in eval mode (the model's mode is
+    restored afterwards) under torch.inference_mode.
     """
     assert frames.ndim == 3, f"{frames.shape=}"
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if not 0 <= min_len <= max_len:
-        raise ValueError(f"need 0 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
-    if max_len + 1 > model.cfg.max_len:
+    if not 0 <= min_len <= max_len or max_len < 1:
         raise ValueError(
-            f"max_len={max_len} words + bos exceed the decoder's max_len={model.cfg.max_len}"
+            f"need 0 <= min_len <= max_len and max_len >= 1, got min_len={min_len}, max_len={max_len}"
+        )
+    if max_len > model.cfg.max_len:
+        raise ValueError(
+            f"max_len={max_len} tokens need {max_len} input positions (bos + {max_len - 1}), "
+            f"more than the decoder's max_len={model.cfg.max_len}"
         )
     if tokenizer.vocab_size != model.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, model {model.vocab_size}")
 
+    banned = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
+    if ban_specials:
+        banned[[tokenizer.pad_id, tokenizer.bos_id, tokenizer.unk_id]] = True
+    rules = _Rules(
+        tokenizer.eos_id,
+        min_len,
+        content_word_mask(tokenizer, stopwords) if forbid_repeats else None,
+        banned,
+    )
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            return _beam_search(
-                model,
-                frames,
-                frame_pad_mask,
-                tokenizer,
-                beam_size,
-                min_len,
-                max_len,
-                content_word_mask(tokenizer, stopwords) if forbid_repeats else None,
-            )
+            return _beam_search(model, frames, frame_pad_mask, tokenizer, beam_size, max_len, rules)
     finally:
         model.train(was_training)
+
+
+class _Rules(NamedTuple):
+    eos_id: int
+    min_len: int
+    repeat_mask: Tensor | None
+    banned: Tensor
+
+    def mask(self, logits: Tensor, prefix: Tensor, step: int) -> Tensor:
+        """-inf on the forbidden tokens of each row. logits (R, V), prefix (R, step + 1)."""
+        forbid = self.banned.to(logits.device).expand_as(logits).clone()
+        if step < self.min_len:
+            forbid[:, self.eos_id] = True
+        if self.repeat_mask is not None:
+            seen = torch.zeros_like(forbid).scatter_(1, prefix, True)
+            forbid |= seen & self.repeat_mask.to(logits.device)
+        forbid[forbid.all(dim=1), self.eos_id] = False  # stuck: end rather than break a rule
+        return logits.masked_fill(forbid, float("-inf"))
 
 
 def _beam_search(
@@ -102,75 +130,66 @@ def _beam_search(
     frame_pad_mask: Tensor | None,
     tok: WordTokenizer,
     K: int,
-    min_len: int,
     max_len: int,
-    content: Tensor | None,
+    rules: _Rules,
 ) -> list[Generated]:
     device = next(model.parameters()).device
     frames = frames.to(device)
+    mask = None if frame_pad_mask is None else frame_pad_mask.to(device)
     B, V = frames.shape[0], model.vocab_size
-    BK = B * K
-    memory = model.encode(frames, None if frame_pad_mask is None else frame_pad_mask.to(device))
-    memory = memory.repeat_interleave(K, dim=0)  # (B*K, S, D)
-    mem_mask = (
-        None if frame_pad_mask is None else frame_pad_mask.to(device).repeat_interleave(K, dim=0)
-    )
+    memory = model.encode(frames, mask).repeat_interleave(K, dim=0)  # (B*K, S, D)
+    mask = None if mask is None else mask.repeat_interleave(K, dim=0)
 
-    never = torch.zeros(V, dtype=torch.bool, device=device)
-    never[[tok.pad_id, tok.bos_id, tok.unk_id]] = True
-    if content is not None:
-        content = content.to(device)
+    seqs = torch.full((B * K, max_len + 1), tok.pad_id, dtype=torch.long, device=device)
+    seqs[:, 0] = tok.bos_id
+    sums = torch.zeros(B * K, device=device)
+    live = torch.ones(B * K, dtype=torch.bool, device=device)
+    means = torch.full((B * K,), float("-inf"), device=device)
+    lengths = torch.zeros(B * K, dtype=torch.long, device=device)
+    first_slot = torch.arange(B * K, device=device) % K == 0
 
-    seqs = torch.full((BK, 1), tok.bos_id, dtype=torch.long, device=device)
-    scores = torch.full((B, K), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # one live beam per audio at the start, so beams do not duplicate
-    scores = scores.reshape(BK)
-    done = torch.zeros(BK, dtype=torch.bool, device=device)
-    used = torch.zeros(BK, V, dtype=torch.bool, device=device)
-    neg_inf = torch.tensor(float("-inf"), device=device)
+    for step in range(max_len):
+        rows = live.nonzero(as_tuple=True)[0]
+        prefix = seqs[rows, : step + 1]
+        logits = model.decode(
+            memory[rows], None if mask is None else mask[rows], model.embed_tokens(prefix), None
+        )[:, -1].float()
+        logp = torch.full((B * K, V), float("-inf"), device=device)
+        logp[rows] = rules.mask(logits, prefix, step).log_softmax(dim=-1)
+        cand = sums[:, None] + logp
+        if step == 0:  # every slot holds the same bos: expand one
+            cand[~first_slot] = float("-inf")
+        top_val, top_idx = cand.reshape(B, K * V).topk(K, dim=1)
+        dest, src, new_tok, new_sum = _assign(top_val, top_idx, live.reshape(B, K), V)
 
-    for n_words in range(max_len + 1):
-        logits = model.decode(memory, mem_mask, model.embed_tokens(seqs), None)[:, -1]
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (BK, V), unmasked log-probs
-        forbid = never.expand(BK, V).clone()
-        if n_words < min_len:
-            forbid[:, tok.eos_id] = True
-        if n_words >= max_len:
-            forbid[:] = True
-            forbid[:, tok.eos_id] = False
-        if content is not None:
-            forbid |= used
-        stuck = forbid.all(dim=1)  # nothing allowed: end the caption instead of breaking a rule
-        forbid[stuck, tok.eos_id] = False
-        cand = logp.masked_fill(forbid, float("-inf"))
-        # An ended beam has one continuation, pad, at no cost.
-        cand[done] = float("-inf")
-        cand[done, tok.pad_id] = 0.0
-        cand = (scores[:, None] + cand).reshape(B, K * V)
-        top_scores, top_idx = cand.topk(K, dim=1)  # (B, K)
-        src = (top_idx // V + torch.arange(B, device=device)[:, None] * K).reshape(BK)
-        new_tok = (top_idx % V).reshape(BK)
-
-        seqs = torch.cat([seqs[src], new_tok[:, None]], dim=1)
-        scores = top_scores.reshape(BK)
-        was_done = done[src]
-        done = was_done | (new_tok == tok.eos_id)
-        used = used[src]
-        if content is not None:
-            rows = (~was_done).nonzero(as_tuple=True)[0]
-            used[rows, new_tok[rows]] |= content[new_tok[rows]]
-        # Beams at -inf cannot win; mark them ended so the loop can stop early.
-        done |= torch.isinf(scores)
-        if bool(done.all()):
+        seqs[dest] = seqs[src]
+        seqs[dest, step + 1] = new_tok
+        sums[dest] = new_sum
+        ended = dest[(new_tok == tok.eos_id) | (step == max_len - 1)]
+        means[ended] = sums[ended] / (step + 1)
+        lengths[ended] = step + 2  # bos + generated tokens
+        live[ended] = False
+        if not bool(live.any()):
             break
 
-    scores = torch.where(torch.isfinite(scores), scores, neg_inf).reshape(B, K)
-    best = scores.argmax(dim=1)
+    best = means.reshape(B, K).argmax(dim=1) + torch.arange(B, device=device) * K
     out = []
-    for b in range(B):
-        row = b * K + int(best[b])
-        ids = seqs[row].tolist()
-        end = ids.index(tok.eos_id) + 1 if tok.eos_id in ids else len(ids)
-        ids = ids[:end]
-        out.append(Generated(tok.decode(ids), float(scores[b, best[b]]), ids))
+    for row in best.tolist():
+        ids = seqs[row, : int(lengths[row])].tolist()
+        out.append(Generated(tok.decode(ids), float(means[row]), ids))
     return out
+
+
+def _assign(
+    top_val: Tensor, top_idx: Tensor, live: Tensor, V: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The n_b best candidates of audio b go, best first, to its n_b live slots in slot
+    order. top_* (B, K) sorted best first, live (B, K). -> dest rows, source rows, tokens,
+    summed log-probs (each (N,), N = number of live slots)."""
+    B, K = live.shape
+    base = torch.arange(B, device=live.device)[:, None] * K
+    used = torch.arange(K, device=live.device)[None, :] < live.sum(dim=1, keepdim=True)
+    slots = torch.argsort((~live).to(torch.int8), dim=1, stable=True)  # live slots first
+    dest = (slots + base)[used]
+    src = (top_idx // V + base)[used]
+    return dest, src, (top_idx % V)[used], top_val[used]

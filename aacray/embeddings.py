@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from aacray import storage
+from aacray.errors import BadInputError
 
 EMB_DIM = 768
 
@@ -132,9 +133,19 @@ def read_embeddings(uri: str, subsets: list[str] | None = None) -> EmbeddingSet:
         import pyarrow.compute as pc
 
         table = table.filter(pc.is_in(table.column("subset"), pa.array(subsets)))
+    fix = "write the table with aacray.embeddings.embedding_table, or re-run extract_embeddings"
+    if "embedding" not in table.column_names:
+        raise BadEmbeddingError(f"{uri}: the embeddings table has no column 'embedding' (it has {table.column_names}); {fix}")
     col = table.column("embedding")
-    if not pa.types.is_list(col.type) or not pa.types.is_fixed_size_list(col.type.value_type):
-        raise BadEmbeddingError(f"{uri}: column 'embedding' has type {col.type}, expected list<fixed_size_list<float, {EMB_DIM}>>")
+    if not (
+        pa.types.is_list(col.type)
+        and pa.types.is_fixed_size_list(col.type.value_type)
+        and pa.types.is_floating(col.type.value_type.value_type)
+    ):
+        raise BadEmbeddingError(
+            f"{uri}: column 'embedding' has type {col.type}, expected list<fixed_size_list<float, {EMB_DIM}>> "
+            f"(frames x {EMB_DIM}, float32 or float16); {fix}"
+        )
     width = col.type.value_type.list_size
     if width != EMB_DIM:
         raise BadEmbeddingError(f"{uri}: embedding width is {width}, expected {EMB_DIM} (was it made by another encoder?)")
@@ -200,5 +211,14 @@ def _read_caption_file(uri: str) -> pa.Table:
 
 
 def _read(uri: str, name: str) -> pa.Table:
-    """A table of a committed output (IncompleteOutputError without a manifest)."""
-    return storage.read_table(uri, name)
+    """A table of a committed output (IncompleteOutputError without a manifest; BadInputError
+    naming the job when the output is another job's)."""
+    manifest = storage.read_manifest(uri)
+    if name not in manifest["tables"]:
+        alt = " or a CSV/Parquet caption file with a 'text' column" if name == "captions" else ""
+        raise BadInputError(
+            f"{uri} is a {manifest.get('job', 'unknown job')!s} output, not an extract_embeddings "
+            f"output: it has no {name!r} table (its {storage.MANIFEST} lists "
+            f"{sorted(manifest['tables'])}); give an extract_embeddings output{alt}"
+        )
+    return storage.read_table(uri, name, manifest=manifest)

@@ -17,14 +17,18 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from aacray import audio, storage
-from aacray.config import ExtractConfig, dump_yaml
-from aacray.corpora import list_items
+from aacray import audio, stage, storage
+from aacray.config import ActorConfig, ExtractConfig
+from aacray.corpora import AudioItem, list_items
 from aacray.embeddings import CAPTION_SCHEMA, embedding_schema, embedding_table
+from aacray.encoder import build_encoder
+from aacray.runtime import init_ray
 
 log = logging.getLogger("aacray.extract")
 
@@ -61,22 +65,15 @@ class EncodeActor:
     """Stage 3 (actor): log-mel batches -> frame embeddings; bad rows go to quarantine."""
 
     def __init__(self, encoder: str, checkpoint: str | None, output: str, dtype: str, use_gpu: bool, num_cpus: float = 1.0):
-        import torch
-
-        if not use_gpu:
-            torch.set_num_threads(max(1, int(num_cpus)))  # one pool of threads per reserved CPU
-
-        from aacray.encoder import build_encoder
-
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        # the pool's resources as stage.actor_device reads them (cuda, or torch's threads
+        # sized to the reserved CPUs)
+        self.device = stage.actor_device(ActorConfig(num_gpus=1.0 if use_gpu else 0.0, num_cpus=num_cpus))
         self.model, self.provenance = build_encoder(encoder, checkpoint)
         self.model.to(self.device).eval()
         self.output = output
         self.dtype = dtype
 
     def __call__(self, batch: dict) -> pa.Table:
-        import torch
-
         n = len(batch["audio_id"])
         good = [i for i in range(n) if not batch["error"][i]]
         bad = [i for i in range(n) if batch["error"][i]]
@@ -108,101 +105,131 @@ class EncodeActor:
         )
 
 
-def run_extract(cfg: ExtractConfig) -> dict:
-    import ray
-    import ray.data
+# --------------------------------------------------------------------------------------
+# The job: plan, set up, run, reduce, commit
+# --------------------------------------------------------------------------------------
 
-    from aacray.encoder import build_encoder
-    from aacray.runtime import init_ray
 
+@dataclass
+class ExtractPlan:
+    """What the driver resolved before anything runs."""
+
+    items: list[AudioItem]
+    provenance: dict
+    """The encoder's provenance, resolved once here (it warns loudly about a random init)."""
+
+
+@dataclass
+class Reduced:
+    """The run's results gathered by the driver."""
+
+    quarantine: list[dict]
+    """One record (audio_id, uri, reason) per item that left the stream, sorted by audio_id."""
+    captions: pa.Table
+    """The captions of the audios that were written."""
+    seconds: float
+    """The pipeline's time, Ray's start-up excluded."""
+
+
+def plan_extract(cfg: ExtractConfig) -> ExtractPlan:
     items = list_items(cfg.input.kind, cfg.input.root, cfg.input.subsets, cfg.input.manifest)
     if not items:
         raise ValueError(f"no audio items found in {cfg.input}")
-    out = cfg.output
-    log.info("extract_embeddings: %d items -> %s", len(items), out)
-    storage.begin_output(out, ["embeddings", "captions", QUARANTINE_DIR])
-    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
-    # the driver resolves provenance once (and warns loudly about a random init)
+    log.info("extract_embeddings: %d items -> %s", len(items), cfg.output)
     _, provenance = build_encoder(cfg.encoder.name, cfg.encoder.checkpoint)
+    return ExtractPlan(items, provenance)
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+
+def encode(cfg: ExtractConfig, plan: ExtractPlan, out: stage.Output) -> float:
+    """The Ray Data pipeline; embedding shards land in `embeddings/`, bad items in
+    `_quarantine/`. Returns its seconds."""
+    import ray.data  # here only: the CPU-task steps above import no Ray
+
     t0 = time.time()  # throughput counts the pipeline, not Ray's start-up
     # 1. items
     ds = ray.data.from_items(
-        [{"audio_id": it.audio_id, "subset": it.subset, "uri": it.uri} for it in items],
-        override_num_blocks=max(1, min(len(items), 4 * cfg.actors.num_actors * 4)),
+        [{"audio_id": it.audio_id, "subset": it.subset, "uri": it.uri} for it in plan.items],
+        override_num_blocks=max(1, min(len(plan.items), 4 * cfg.actors.num_actors * 4)),
     )
     # 2. decode + log-mel in CPU tasks
     ds = ds.map(logmel_row, fn_kwargs={"max_seconds": cfg.max_seconds}, num_cpus=1)
     # 3. encode on an actor pool
-    ds = ds.map_batches(
-        EncodeActor,
-        fn_constructor_kwargs={
-            "encoder": cfg.encoder.name,
-            "checkpoint": cfg.encoder.checkpoint,
-            "output": out,
-            "dtype": cfg.dtype,
-            "use_gpu": cfg.actors.num_gpus > 0,
-            "num_cpus": cfg.actors.num_cpus,
-        },
-        batch_size=cfg.actors.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors),
-        num_gpus=cfg.actors.num_gpus,
-        num_cpus=cfg.actors.num_cpus,
-    )
+    kwargs = {
+        "encoder": cfg.encoder.name, "checkpoint": cfg.encoder.checkpoint, "output": out.uri,
+        "dtype": cfg.dtype, "use_gpu": cfg.actors.num_gpus > 0, "num_cpus": cfg.actors.num_cpus,
+    }
+    ds = stage.map_actors(ds, EncodeActor, kwargs, cfg.actors)
     # 4. write the shards
-    fs, path = storage.arrow_fs(storage.join(out, "embeddings"))
+    fs, path = storage.arrow_fs(out.path("embeddings"))
     ds.write_parquet(path, filesystem=fs, min_rows_per_file=cfg.rows_per_file)
-    t_enc = time.time() - t0
+    return time.time() - t0
 
-    quarantine = _collect_quarantine(out)
+
+def reduce_extract(plan: ExtractPlan, out: stage.Output, seconds: float) -> Reduced:
+    """The quarantine records of every batch, merged; the captions of the audios kept."""
+    quarantine = _collect_quarantine(out.uri)
     bad_ids = {q["audio_id"] for q in quarantine}
-    good_items = [it for it in items if it.audio_id not in bad_ids]
     cap_rows = [
         (f"{it.audio_id}#{j}", it.subset, text, it.audio_id)
-        for it in good_items
+        for it in plan.items
+        if it.audio_id not in bad_ids
         for j, text in enumerate(it.captions)
     ]
     captions = pa.table(
         [pa.array([r[k] for r in cap_rows], pa.string()) for k in range(4)], schema=CAPTION_SCHEMA
     )
-    storage.write_table(out, "captions", captions)
-    storage.write_json(storage.join(out, "quarantine.json"), quarantine)
-    storage.remove(storage.join(out, QUARANTINE_DIR))
+    return Reduced(quarantine, captions, seconds)
 
+
+def commit_extract(cfg: ExtractConfig, plan: ExtractPlan, out: stage.Output, red: Reduced) -> dict:
+    """Captions, quarantine.json, the manifest; then items in = written + quarantined, or no
+    manifest. Returns the stats the manifest holds."""
+    out.table("captions", red.captions)
+    out.json("quarantine.json", red.quarantine)
+    storage.remove(out.path(QUARANTINE_DIR))
+    bad_ids = {q["audio_id"] for q in red.quarantine}
     stats = {
-        "items_in": len(items),
+        "items_in": len(plan.items),
         "written": None,
-        "quarantined": len(quarantine),
-        "captions_written": captions.num_rows,
-        "captions_of_quarantined_audio": sum(len(it.captions) for it in items if it.audio_id in bad_ids),
-        "seconds": round(t_enc, 2),
-        "encoder": provenance,
+        "quarantined": len(red.quarantine),
+        "captions_written": red.captions.num_rows,
+        "captions_of_quarantined_audio": sum(len(it.captions) for it in plan.items if it.audio_id in bad_ids),
+        "seconds": round(red.seconds, 2),
+        "encoder": plan.provenance,
         "dtype": cfg.dtype,
         "schema": str(embedding_schema(cfg.dtype)),
     }
-    manifest = storage.commit_output(out, "extract_embeddings", stats, ["embeddings", "captions"])
+    # the manifest is what counts the rows Ray wrote: commit, check, then complete it
+    manifest = out.commit(stats)
     written = manifest["tables"]["embeddings"]["rows"]
-    if written + len(quarantine) != len(items):
-        storage.remove(storage.join(out, storage.MANIFEST))
+    if written + len(red.quarantine) != len(plan.items):
+        storage.remove(out.path(storage.MANIFEST))
         raise RuntimeError(
-            f"item accounting failed: {len(items)} in, {written} written, {len(quarantine)} quarantined"
+            f"item accounting failed: {len(plan.items)} in, {written} written, {len(red.quarantine)} quarantined"
         )
     stats["written"] = written
-    stats["clips_per_s"] = round(written / max(t_enc, 1e-9), 2)
+    stats["clips_per_s"] = round(written / max(red.seconds, 1e-9), 2)
     manifest["extra"].update(stats)
-    storage.write_json(storage.join(out, storage.MANIFEST), manifest)
-    for q in quarantine:
+    out.json(storage.MANIFEST, manifest)
+    return stats
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    plan = plan_extract(cfg)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)  # before the old output is invalidated
+    out = stage.Output(cfg.output, "extract_embeddings", ["embeddings", "captions"]).begin(cfg, clear=[QUARANTINE_DIR])
+    red = reduce_extract(plan, out, encode(cfg, plan, out))
+    stats = commit_extract(cfg, plan, out, red)
+    for q in red.quarantine:
         log.warning("quarantined %s: %s", q["audio_id"], q["reason"])
     summary = {k: stats[k] for k in ("items_in", "written", "quarantined", "seconds", "clips_per_s")}
-    summary["random_init_encoder"] = provenance.get("random_init")
-    summary["output"] = out
-    share = len(quarantine) / len(items)
+    summary["random_init_encoder"] = plan.provenance.get("random_init")
+    summary["output"] = cfg.output
+    share = len(red.quarantine) / len(plan.items)
     if share > cfg.max_bad_fraction:
         raise TooManyBadItems(
-            f"{len(quarantine)} of {len(items)} items quarantined ({share:.1%} > max_bad_fraction="
-            f"{cfg.max_bad_fraction}); see {storage.join(out, 'quarantine.json')}. Fix or remove them, "
+            f"{len(red.quarantine)} of {len(plan.items)} items quarantined ({share:.1%} > max_bad_fraction="
+            f"{cfg.max_bad_fraction}); see {out.path('quarantine.json')}. Fix or remove them, "
             "or raise max_bad_fraction to accept."
         )
     return summary

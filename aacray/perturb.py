@@ -38,6 +38,10 @@ Choices worth knowing:
   caption holds an OOV word).
 - Losses come from the same scorer as score_matrix (`PairScorer.loss_pairs`) inside Ray
   Data actors. The pure parts (matching, perturbing, accuracies) import no Ray.
+- The job's phases (aacray/stage.py): plan (inputs checked, perturbations built, pairs
+  deduplicated, an actor's memory estimated), set up (Ray, the memory guard, then
+  `Output.begin`), run (the actor pool), reduce (pair table, accuracies), commit. An index
+  that one actor cannot hold is refused before any actor starts.
 """
 
 from __future__ import annotations
@@ -51,7 +55,15 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from aacray import checkpoint as ckpt_lib
+from aacray import stage
+from aacray.config import PerturbConfig, from_dict, to_dict
+from aacray.decoder import CaptionDecoder
+from aacray.embeddings import EmbeddingSet, read_captions, read_embeddings
 from aacray.errors import BadInputError
+from aacray.runtime import init_ray
+from aacray.scorer import PairScorer, check_inputs, scorer_memory, tokenize
+from aacray.text import WordTokenizer
 from aacray.text import words as normalized_words
 
 log = logging.getLogger("aacray.perturb")
@@ -278,19 +290,8 @@ class PerturbActor:
     """Rows of (audio_id, tokens) -> their teacher-forced losses on the caption's audio."""
 
     def __init__(self, cfg_dict: dict):
-        import torch
-
-        from aacray import checkpoint as ckpt_lib
-        from aacray.config import PerturbConfig, from_dict
-        from aacray.embeddings import read_embeddings
-        from aacray.scorer import PairScorer
-
         cfg = from_dict(PerturbConfig, cfg_dict)
-        use_gpu = cfg.actors.num_gpus > 0 and torch.cuda.is_available()
-        device = "cuda" if use_gpu else "cpu"
-        if not use_gpu:
-            torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
-        model, tok, _ = ckpt_lib.load(cfg.checkpoint, device)
+        device, model, tok, _ = stage.actor_setup(cfg.actors, cfg.checkpoint)
         audio = read_embeddings(cfg.audio, cfg.audio_subsets)
         self.pos = audio.index()
         self.scorer = PairScorer(model, tok.pad_id, audio.frames, device, cfg.scorer.precision, cfg.scorer.pairs_per_batch)
@@ -302,29 +303,82 @@ class PerturbActor:
 
 
 # --------------------------------------------------------------------------------------
-# The job
+# The job: plan, set up, run, reduce, commit
 # --------------------------------------------------------------------------------------
 
+MEMORY_WAYS_OUT = (
+    "fewer audios (audio_subsets); scorer.precision=bf16 (half the key/value cache); fewer "
+    "actors per node (a larger actors.num_cpus each); a larger actors.memory_gb (or null: the "
+    "node's memory); or a GPU with more memory (actors.num_gpus)"
+)
 
 
-def run_perturb(cfg) -> dict:
-    import ray
-    import ray.data
+@dataclass
+class PairPlan:
+    """The perturbed captions kept and the unique (audio, tokens) pairs that score them."""
 
-    from aacray import checkpoint as ckpt_lib
-    from aacray import storage
-    from aacray.config import dump_yaml, to_dict
-    from aacray.embeddings import read_captions, read_embeddings
-    from aacray.runtime import init_ray
-    from aacray.scorer import check_inputs, tokenize
+    kept: list[tuple[str, str, Perturbation]]
+    """(caption_id, audio_id, perturbation), in caption order."""
+    original_pair: list[int]
+    """Per kept row: its original caption's pair (an index into `pairs`)."""
+    perturbed_pair: list[int]
+    pairs: list[tuple[str, tuple[int, ...]]]
+    """The unique (audio_id, token ids) to score: a caption shared by several rows is scored once."""
+    n_identical: int
+    """Perturbations dropped: their tokens equal the original's once cut to the decoder's length."""
 
-    t_start = time.time()
+
+@dataclass
+class PerturbPlan:
+    """What the driver checked and decided before any actor starts."""
+
+    n_captions: int
+    n_without_audio: int
+    """Captions with no audio_id: no own audio, skipped."""
+    pairs: PairPlan
+    tok: WordTokenizer
+    audio_pos_enc: bool
+    checkpoint: dict
+    actor_memory: dict[str, int]
+    """Bytes one actor holds, by part (`scorer.scorer_memory`)."""
+
+
+def plan_pairs(rows: list[tuple[str, str, Perturbation]], tok: WordTokenizer, max_tokens: int) -> PairPlan:
+    """Every (caption_id, audio_id, perturbation) row -> its two pairs, each unique (audio,
+    tokens) once; a row whose two captions tokenise alike is dropped and counted."""
+    pair_of: dict[tuple[str, tuple[int, ...]], int] = {}
+    plan = PairPlan([], [], [], [], 0)
+
+    def pair_id(aid: str, text: str) -> int:
+        key = (aid, tuple(tokenize(tok, [text], max_tokens)[0]))
+        if key not in pair_of:
+            pair_of[key] = len(plan.pairs)
+            plan.pairs.append(key)
+        return pair_of[key]
+
+    for cid, aid, p in rows:
+        a, b = pair_id(aid, p.original), pair_id(aid, p.perturbed)
+        if a == b:  # the change fell past the decoder's length
+            plan.n_identical += 1
+            continue
+        plan.kept.append((cid, aid, p))
+        plan.original_pair.append(a)
+        plan.perturbed_pair.append(b)
+    return plan
+
+
+def actor_memory(cfg: PerturbConfig, audio: EmbeddingSet, model: CaptionDecoder) -> dict[str, int]:
+    """What a PerturbActor holds: a PairScorer over every audio, one batch of pairs at a time."""
+    return scorer_memory(
+        len(audio.audio_ids), max(f.shape[0] for f in audio.frames), model.cfg,
+        sum(p.numel() for p in model.parameters()), cfg.scorer.precision, cfg.actors.batch_size,
+    )
+
+
+def plan_perturb(cfg: PerturbConfig) -> PerturbPlan:
+    """Inputs checked (score_matrix's checks), perturbations built, pairs deduplicated;
+    raises BadInputError naming the bad items before anything runs."""
     model, tok, info = ckpt_lib.load(cfg.checkpoint)
-    max_tokens = model.cfg.max_len + 1
-    audio_pos_enc = bool(model.cfg.audio_pos_enc)
-    del model
-
-    # 0. inputs, checked before anything runs (score_matrix's checks)
     audio = read_embeddings(cfg.audio, cfg.audio_subsets)
     cids, texts, gts, bad = check_inputs(
         audio,
@@ -338,69 +392,44 @@ def run_perturb(cfg) -> dict:
     n_no_audio = len(cids) - len(keep)
     if n_no_audio:
         log.warning("perturb: %d caption(s) have no audio_id (no own audio) and are skipped", n_no_audio)
-
-    # 1. perturbations (pure text), tokens, the unique (audio, tokens) pairs to score
     rows = build_perturbations(
         [cids[i] for i in keep], [texts[i] or "" for i in keep], [gts[i] for i in keep],
         cfg.sets, cfg.alternatives, cfg.seed,
     )
-    pair_of: dict[tuple[str, tuple[int, ...]], int] = {}
-    pair_items: list[tuple[str, tuple[int, ...]]] = []
-
-    def pair_id(aid: str, text: str) -> int:
-        key = (aid, tuple(tokenize(tok, [text], max_tokens)[0]))
-        if key not in pair_of:
-            pair_of[key] = len(pair_items)
-            pair_items.append(key)
-        return pair_of[key]
-
-    kept, orig_pid, pert_pid, n_identical = [], [], [], 0
-    for cid, aid, p in rows:
-        a, b = pair_id(aid, p.original), pair_id(aid, p.perturbed)
-        if a == b:  # the change fell past the decoder's length
-            n_identical += 1
-            continue
-        kept.append((cid, aid, p))
-        orig_pid.append(a)
-        pert_pid.append(b)
+    pairs = plan_pairs(rows, tok, model.cfg.max_len + 1)
     log.info(
         "perturb: %d captions with an audio, %d perturbed captions, %d pairs to score",
-        len(keep), len(kept), len(pair_items),
+        len(keep), len(pairs.kept), len(pairs.pairs),
+    )
+    return PerturbPlan(
+        len(cids), n_no_audio, pairs, tok, bool(model.cfg.audio_pos_enc), info, actor_memory(cfg, audio, model)
     )
 
-    if pair_items:
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)  # before the old output is invalidated
-    out = cfg.output
-    storage.begin_output(out, ["pairs"])
-    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
 
-    # 2. score every pair on the actor pool (rows sorted by audio then length: little padding)
-    losses = np.full(len(pair_items), np.nan, dtype=np.float32)
-    score_seconds = 0.0
-    if pair_items:
-        order = sorted(range(len(pair_items)), key=lambda j: (pair_items[j][0], len(pair_items[j][1]), j))
-        n_blocks = max(1, min(len(order), cfg.actors.num_actors * 4))
-        ds = ray.data.from_items(
-            [{"pair_id": j, "audio_id": pair_items[j][0], "tokens": np.array(pair_items[j][1], dtype=np.int32)} for j in order],
-            override_num_blocks=n_blocks,
-        )
-        ds = ds.map_batches(
-            PerturbActor,
-            fn_constructor_kwargs={"cfg_dict": to_dict(cfg)},
-            batch_size=cfg.actors.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors),
-            num_gpus=cfg.actors.num_gpus,
-            num_cpus=cfg.actors.num_cpus,
-        )
-        t_score = time.time()
-        for row in ds.iter_rows():
-            losses[int(row["pair_id"])] = row["loss"]
-        score_seconds = time.time() - t_score
-        if np.isnan(losses).any():
-            raise RuntimeError(f"{int(np.isnan(losses).sum())} of {len(losses)} pairs came back unscored")
+def score_pairs(cfg: PerturbConfig, pairs: list[tuple[str, tuple[int, ...]]]) -> tuple[np.ndarray, float]:
+    """Losses (P,) float32 of the unique pairs, scored on the actor pool; and the seconds."""
+    import ray.data  # here only: the pure parts of this module import no Ray
 
-    # 3. the pair table, accuracies; the manifest last
+    # rows sorted by audio then length: a batch pads little
+    order = sorted(range(len(pairs)), key=lambda j: (pairs[j][0], len(pairs[j][1]), j))
+    ds = ray.data.from_items(
+        [{"pair_id": j, "audio_id": pairs[j][0], "tokens": np.array(pairs[j][1], dtype=np.int32)} for j in order],
+        override_num_blocks=max(1, min(len(order), cfg.actors.num_actors * 4)),
+    )
+    ds = stage.map_actors(ds, PerturbActor, {"cfg_dict": to_dict(cfg)}, cfg.actors)
+    losses = np.full(len(pairs), np.nan, dtype=np.float32)
+    t0 = time.time()
+    for row in ds.iter_rows():
+        losses[int(row["pair_id"])] = row["loss"]
+    seconds = time.time() - t0
+    if np.isnan(losses).any():
+        raise RuntimeError(f"{int(np.isnan(losses).sum())} of {len(losses)} pairs came back unscored")
+    return losses, seconds
+
+
+def pair_table(plan: PerturbPlan, losses: np.ndarray) -> pa.Table:
+    """One row per kept perturbation: both captions, both losses, OOV counts, `higher`."""
+    kept, tok = plan.pairs.kept, plan.tok
     pairs = pa.table(
         {
             "caption_id": pa.array([r[0] for r in kept], pa.string()),
@@ -410,19 +439,23 @@ def run_perturb(cfg) -> dict:
             "replacement": pa.array([r[2].replacement for r in kept], pa.string()),
             "original": pa.array([r[2].original for r in kept], pa.string()),
             "perturbed": pa.array([r[2].perturbed for r in kept], pa.string()),
-            "loss_original": pa.array(losses[orig_pid] if kept else [], pa.float32()),
-            "loss_perturbed": pa.array(losses[pert_pid] if kept else [], pa.float32()),
+            "loss_original": pa.array(losses[plan.pairs.original_pair] if kept else [], pa.float32()),
+            "loss_perturbed": pa.array(losses[plan.pairs.perturbed_pair] if kept else [], pa.float32()),
             "oov_original": pa.array([tok.oov_count(r[2].original) for r in kept], pa.int32()),
             "oov_perturbed": pa.array([tok.oov_count(r[2].perturbed) for r in kept], pa.int32()),
         }
     )
-    pairs = pairs.append_column(
+    return pairs.append_column(
         "higher", pa.array(pairs.column("loss_perturbed").to_numpy() > pairs.column("loss_original").to_numpy(), pa.bool_())
     )
-    storage.write_table(out, "pairs", pairs)
-    metrics = {
+
+
+def perturb_metrics(cfg: PerturbConfig, plan: PerturbPlan, pairs: pa.Table, seconds: float) -> dict:
+    """metrics.json: accuracies per set, what they mean, and the counts behind them."""
+    kept = plan.pairs.kept
+    return {
         "sets": accuracy_table(pairs, cfg.sets),
-        "audio_pos_enc": audio_pos_enc,
+        "audio_pos_enc": plan.audio_pos_enc,
         "definitions": {
             "accuracy": "share of perturbed captions whose loss on the caption's own audio is "
             "strictly higher than the original caption's",
@@ -431,22 +464,36 @@ def run_perturb(cfg) -> dict:
         },
         "alternatives": cfg.alternatives,
         "seed": cfg.seed if cfg.alternatives == "random" else None,
-        "n_captions": len(cids),
-        "n_captions_without_audio": n_no_audio,
+        "n_captions": plan.n_captions,
+        "n_captions_without_audio": plan.n_without_audio,
         "n_captions_perturbed": len({r[0] for r in kept}),
         "n_perturbed": len(kept),
-        "n_dropped_identical_after_truncation": n_identical,
-        "n_pairs_scored": len(pair_items),
-        "score_seconds": round(score_seconds, 2),
-        "checkpoint": info,
+        "n_dropped_identical_after_truncation": plan.pairs.n_identical,
+        "n_pairs_scored": len(plan.pairs.pairs),
+        "score_seconds": round(seconds, 2),
+        "checkpoint": plan.checkpoint,
     }
-    storage.write_json(storage.join(out, "metrics.json"), metrics)
-    storage.commit_output(out, "perturb", {"metrics": "metrics.json"}, ["pairs"])
+
+
+def run_perturb(cfg: PerturbConfig) -> dict:
+    t_start = time.time()
+    plan = plan_perturb(cfg)  # nothing runs on inputs that fail their checks
+    to_score = plan.pairs.pairs
+    if to_score:  # no pair, no actor: neither Ray nor the memory guard is needed
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)  # before the old output is invalidated
+        stage.check_actor_memory("perturb", plan.actor_memory, cfg.actors, MEMORY_WAYS_OUT)
+    out = stage.Output(cfg.output, "perturb", ["pairs"]).begin(cfg)
+    losses, seconds = score_pairs(cfg, to_score) if to_score else (np.full(0, np.nan, np.float32), 0.0)
+    pairs = pair_table(plan, losses)
+    out.table("pairs", pairs)
+    metrics = perturb_metrics(cfg, plan, pairs, seconds)
+    out.json("metrics.json", metrics)
+    out.commit({"metrics": "metrics.json"})
     print(format_table(metrics), flush=True)
     return {
-        "output": out,
-        "audio_pos_enc": audio_pos_enc,
-        "n_perturbed": len(kept),
+        "output": cfg.output,
+        "audio_pos_enc": plan.audio_pos_enc,
+        "n_perturbed": len(plan.pairs.kept),
         "accuracy": {s: v["accuracy"] for s, v in metrics["sets"].items()},
         "accuracy_in_vocab": {s: v["accuracy_in_vocab"] for s, v in metrics["sets"].items()},
         "wall_seconds": round(time.time() - t_start, 1),

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from aacray import storage
+from aacray.retrieval import minmax_scale
 
 
 def _save(fig, uri: str) -> str:
@@ -32,12 +33,11 @@ def plot_loss_curves(out: str, probe: pa.Table, probe_audios: list[str], caps_of
 
     cids = np.array(probe.column("caption_id").to_pylist(), dtype=object)
     lo, hi = stats.aligned(cids.astype(str))
-    span = np.where(hi > lo, hi - lo, 1.0)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, a in enumerate(probe_audios):
         L = np.asarray(probe.column(f"probe{i}").to_numpy(zero_copy_only=False), dtype=np.float64)
         own = np.isin(cids, caps_of.get(a, []))
-        for ax, v, title in ((axes[0], L, "raw loss"), (axes[1], np.where(hi > lo, (L - lo) / span, 0.0), "min-max scaled loss")):
+        for ax, v, title in ((axes[0], L, "raw loss"), (axes[1], minmax_scale(L, lo, hi), "min-max scaled loss")):
             order = np.argsort(v, kind="stable")
             line = ax.plot(np.arange(len(v)), v[order], lw=1.2, label=f"audio {a}")[0]
             rank = np.nonzero(own[order])[0]

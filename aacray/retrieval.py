@@ -1,13 +1,15 @@
 """Retrieval from captioning losses: ranking rules, streaming top-k, Recall@k and mAP@10.
 
 Every audio x caption pair has a loss L[a, c], lower = better match (DESIGN.md "Retrieval
-rules"). Shape legend here: N audios of the index, M captions, m captions of one block,
-Q queries, C candidates per query, R candidate rows, K top-k depth.
+rules"). Shapes: N audios of the index, M captions, m captions of one block, Q queries, C
+candidates per query, R candidate rows, K top-k depth (the legend of aacray/scorer.py, plus
+the ranking's own letters).
 
 - T2A, caption c: audios by ascending L[:, c], then audio id.
 - A2T raw, audio a: captions by ascending L[a, :], then caption id.
 - A2T min-max: s(a, c) = (L[a, c] - min_c) / (max_c - min_c), min/max over all N audios
-  (s = 0 where max_c == min_c); captions by s, then raw loss, then caption id.
+  (s = 0 where max_c == min_c); captions by s, then raw loss, then caption id. The scaling
+  is `minmax_scale`, the only place it is written (refinement, plots and reindex call it).
 
 Non-obvious choices:
 - One total order serves all three: (score, loss, candidate id) ascending, where score is
@@ -275,14 +277,18 @@ def _empty_topk(kind: str) -> TopK:
 
 
 def minmax_scale(L: Any, loss_min: Any, loss_max: Any) -> np.ndarray:
-    """L (N, M) losses, loss_min / loss_max (M,) per caption over ALL audios of the index ->
-    (N, M) float64 s = (L - min) / (max - min), and 0 where max == min."""
+    """The min-max rule, the one place it is written: losses L and per-caption loss_min /
+    loss_max over ALL audios of the index -> float64 s = (L - min) / (max - min), and 0
+    where max == min (a caption every audio scores alike says nothing about any of them).
+
+    Shapes: L (N, M) with stats (M,) (a matrix), L (M,) with stats (M,) (one audio's row), or
+    flat rows L (R,) with stats (R,) (each row's own caption stats): the stats broadcast
+    against L's last axis. Computed elementwise, so any layout of the same pairs gives the
+    same bits."""
     L = np.asarray(L, dtype=np.float64)
     mn = np.asarray(loss_min, dtype=np.float64)
     mx = np.asarray(loss_max, dtype=np.float64)
-    assert L.ndim == 2 and mn.shape == mx.shape == L.shape[1:], (
-        f"{L.shape=} {mn.shape=} {mx.shape=}"
-    )
+    assert L.ndim >= 1 and mn.shape == mx.shape == L.shape[-1:], f"{L.shape=} {mn.shape=} {mx.shape=}"
     span = mx - mn
     out = np.zeros(L.shape, dtype=np.float64)
     np.divide(L - mn, span, out=out, where=np.broadcast_to(span > 0, L.shape))

@@ -1,17 +1,25 @@
 """Scoring audio x caption pairs in process (no Ray): the decoder's per-pair loss, fast.
 
-What it holds, in the order a scorer is built and used:
-- `FastDecoder`: a scoring-only forward of `CaptionDecoder` that does shared work once;
-- `PairScorer`: the loss matrix (or listed pairs) of a fixed audio index against captions;
-- `refine_block` / `BlockScorer`: bf16 screening with fp32 deciding every list ("bf16-refined");
-- `tokenize`, `check_inputs`: the scorer's tokenisation and input checks;
-- `reference_loss_matrix`: the plain per-pair loop the tests compare against.
+Shapes, the one legend (STYLE.md's letters; scoring.py and retrieval.py use it too):
+N audios of the index, M captions (m of one block), P listed pairs; in a forward, B pairs
+(the batch: B audios against one caption or against B captions), S audio frames, T
+tokens, D model width, H heads, d = D / H, V vocabulary, n_layers decoder layers.
+
+The public ways in, one per job shape:
+- `BlockScorer.losses`: a block of m captions x every audio of the index, (N, m), at any
+  precision (score_matrix, reindex);
+- `PairScorer.loss_pairs`: a list of P (audio, caption) pairs, (P,) (perturb; and the
+  fp32 re-scoring of bf16-refined);
+- `PairScorer.loss_matrix`: the (N, m) matrix of one precision, what `BlockScorer` runs.
+Around them: `FastDecoder` (a scoring-only forward of `CaptionDecoder` that does shared
+work once), `refine_block` (bf16 screening, fp32 deciding every list: "bf16-refined"),
+`tokenize` / `over_long` / `check_inputs` (the scorer's inputs), `scorer_memory` (what an
+actor holds), `reference_loss_matrix` (the plain per-pair loop the tests compare against).
 score_matrix, perturb and reindex (the Ray stages) all score through this module.
 
-
-FastDecoder. `pair_loss_memory` runs the whole `nn.TransformerDecoder` for every pair. When a caption
-meets many audios most of that work is shared (the decoder is post-norm, so nothing
-before a layer's cross-attention sees the audio):
+FastDecoder. `pair_loss_memory` runs the whole `nn.TransformerDecoder` for every pair. When
+a caption meets many audios most of that work is shared (the decoder is post-norm, so
+nothing before a layer's cross-attention sees the audio):
 - per audio, once for every caption: the frame projection (the scorer's memory) and the
   cross-attention keys and values of every layer (`audio_kv`);
 - per caption, once for every audio: the token embedding, the first layer's causal
@@ -25,7 +33,7 @@ attention is written out (matmul, additive -inf mask, softmax): with ~12 queries
 keys per head it runs within this machine's noise of `F.scaled_dot_product_attention`
 (docs/benchmarks.md); on CUDA the fused kernel is used.
 
-Precision (`compute_dtype`):
+Precision (`compute_dtype`); no path uses autocast:
 - float32: fp32 throughout.
 - bfloat16: the decoder layers' matmuls (attention included, keys/values cached in bf16)
   run in bf16 on bf16 copies of the weights; the residual stream, the layer norms, the
@@ -38,15 +46,16 @@ Linear layers on CPU use oneDNN with weights pre-packed for the scorer's row cou
 (`torch.ops.mkldnn`, what `torch.compile` uses for CPU linears) when that op exists, and
 `F.linear` otherwise: same maths, ~10% faster here (docs/benchmarks.md).
 
-Shapes: A audios (pairs) of a forward, B = 1 (a caption shared by the A audios) or A,
-S frames, T input tokens, D width, H heads, d = D / H, V vocabulary.
+Memory: a scorer keeps, for all N audios, the projected index (N x S x D fp32) and every
+layer's cross-attention keys/values (2 x n_layers x N x S x D in the compute dtype: 38 GB
+fp32 for 100k audios of 31 frames at the paper's size); bf16-refined keeps two scorers
+(bf16 and fp32). `scorer_memory` adds it up; score_matrix checks it before any actor starts.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +64,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss, pair_loss_memory
+from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss
 from aacray.embeddings import check_embeddings, duplicate_ids
+from aacray.retrieval import minmax_scale
 from aacray.text import WordTokenizer
 
 log = logging.getLogger("aacray.scorer")
@@ -113,14 +123,26 @@ class _Layer:
 class Prefix:
     """The caption-only part of a forward: the first layer up to its cross-attention."""
 
-    x: Tensor  # (B, T, D) fp32, after the first layer's self-attention and norm1
-    q: Tensor  # (B, H, T, d) that layer's cross-attention queries, scaled by 1/sqrt(d)
+    x: Tensor  # (Bc, T, D) fp32, after the first layer's self-attention and norm1
+    q: Tensor  # (Bc, H, T, d) that layer's cross-attention queries, scaled by 1/sqrt(d)
+    # Bc: 1 (one caption shared by the forward's B audios) or B (one caption per pair)
 
 
 class FastDecoder:
-    """Per-pair losses from cached per-audio keys/values and per-caption prefixes."""
+    """Per-pair losses from cached per-audio keys/values and per-caption prefixes.
 
-    def __init__(self, model: CaptionDecoder, compute_dtype: torch.dtype = torch.float32, pack_rows: int | None = 768):
+    pack_rows: the row count oneDNN pre-packs the CPU linears' weights for (None: plain
+    `F.linear`); fused_attention: `F.scaled_dot_product_attention` (True) or the written-out
+    attention (False), None for fused on CUDA only.
+    """
+
+    def __init__(
+        self,
+        model: CaptionDecoder,
+        compute_dtype: torch.dtype = torch.float32,
+        pack_rows: int | None = 768,
+        fused_attention: bool | None = None,
+    ):
         assert not model.training, "FastDecoder needs model.eval() (dropout would randomise the score)"
         assert compute_dtype in (torch.float32, torch.bfloat16), f"{compute_dtype=}"
         cfg = model.cfg
@@ -130,7 +152,7 @@ class FastDecoder:
         self.scale = 1.0 / math.sqrt(self.d)
         self.dtype = compute_dtype
         self.device = model.classifier.weight.device
-        self.fused_attention = self.device.type == "cuda"
+        self.fused_attention = self.device.type == "cuda" if fused_attention is None else fused_attention
         D, dt = self.D, compute_dtype
 
         def lin(w: Tensor, b: Tensor) -> _Linear:
@@ -161,19 +183,19 @@ class FastDecoder:
 
     # --- per audio ---------------------------------------------------------------------
     def audio_kv(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """memory (A, S, D) -> per layer (K, V), each (A, H, S, d), contiguous."""
+        """memory (B, S, D) -> per layer (K, V), each (B, H, S, d), contiguous."""
         assert memory.ndim == 3 and memory.shape[-1] == self.D, f"{memory.shape=}"
-        A, S, _ = memory.shape
+        B, S, _ = memory.shape
         x = memory.to(self.dtype)
         out = []
         for layer in self.layers:
-            kv = F.linear(x, *layer.ca_kv).view(A, S, 2, self.H, self.d)
+            kv = F.linear(x, *layer.ca_kv).view(B, S, 2, self.H, self.d)
             out.append((kv[:, :, 0].transpose(1, 2).contiguous(), kv[:, :, 1].transpose(1, 2).contiguous()))
         return out
 
     # --- per caption -------------------------------------------------------------------
     def prefix(self, tokens_in: Tensor) -> Prefix:
-        """tokens_in (B, T) long, right-padded -> the caption-only part of the forward.
+        """tokens_in (Bc, T) long, right-padded -> the caption-only part of the forward.
 
         With the causal mask, right padding never reaches a real position, so no key
         padding mask is needed.
@@ -193,32 +215,32 @@ class FastDecoder:
         target: Tensor,
         pad_id: int | None = None,
     ) -> Tensor:
-        """Per-pair losses (A,) fp32: mean over target tokens of -log p, as `pair_loss`.
+        """Per-pair losses (B,) fp32: mean over target tokens of -log p, as `pair_loss`.
 
-        prefix: of B = 1 caption (shared by the A audios) or of B = A captions;
-        kv: `audio_kv` of the A audios, each (A, H, S, d); memory_pad_mask (A, S) bool,
-        True on padded frames, or None; target (B, T) long, pad_id marking its padding
+        prefix: of Bc = 1 caption (shared by the B audios) or of Bc = B captions;
+        kv: `audio_kv` of the B audios, each (B, H, S, d); memory_pad_mask (B, S) bool,
+        True on padded frames, or None; target (Bc, T) long, pad_id marking its padding
         (None: no padding).
         """
         x1, q1 = prefix.x, prefix.q
-        B, T, _ = x1.shape
-        A = kv[0][0].shape[0]
-        assert B in (1, A) and target.shape == (B, T), f"{x1.shape=} {target.shape=} {A=}"
+        Bc, T, _ = x1.shape
+        B = kv[0][0].shape[0]
+        assert Bc in (1, B) and target.shape == (Bc, T), f"{x1.shape=} {target.shape=} {B=}"
         mask = None
         if memory_pad_mask is not None:
-            assert memory_pad_mask.shape == (A, kv[0][0].shape[2]), f"{memory_pad_mask.shape=}"
-            mask = torch.zeros(A, 1, 1, memory_pad_mask.shape[1], dtype=self.dtype, device=x1.device)
+            assert memory_pad_mask.shape == (B, kv[0][0].shape[2]), f"{memory_pad_mask.shape=}"
+            mask = torch.zeros(B, 1, 1, memory_pad_mask.shape[1], dtype=self.dtype, device=x1.device)
             mask.masked_fill_(memory_pad_mask[:, None, None, :], float("-inf"))
         layer = self.layers[0]
         x = self._cross_and_ff(x1, q1, kv[0], mask, layer)
         for i, layer in enumerate(self.layers[1:], start=1):
             x = self._self_attn(x, layer)
             x = self._cross_and_ff(x, self._queries(x, layer), kv[i], mask, layer)
-        logits = self.classifier(x).float()  # (A, T, V) fp32 (a no-op unless the classifier was swapped)
+        logits = self.classifier(x).float()  # (B, T, V), already fp32: the classifier runs in fp32
         V = logits.shape[-1]
-        tgt = target.expand(A, T).reshape(-1)
+        tgt = target.expand(B, T).reshape(-1)
         ignore = -100 if pad_id is None else pad_id
-        nll = F.cross_entropy(logits.view(A * T, V), tgt, ignore_index=ignore, reduction="none").view(A, T)
+        nll = F.cross_entropy(logits.view(B * T, V), tgt, ignore_index=ignore, reduction="none").view(B, T)
         if pad_id is None:
             return nll.sum(dim=1) / T
         n = (target != pad_id).sum(dim=1)
@@ -230,37 +252,37 @@ class FastDecoder:
         return F.layer_norm(x, (self.D,), n[0], n[1], n[2])
 
     def _queries(self, x: Tensor, layer: _Layer) -> Tensor:
-        """x (B, T, D) -> cross-attention queries (B, H, T, d), scaled by 1/sqrt(d)."""
-        B, T, _ = x.shape
+        """x (Bc, T, D) -> cross-attention queries (Bc, H, T, d), scaled by 1/sqrt(d)."""
+        Bc, T, _ = x.shape
         q = layer.ca_q(x) * self.scale
-        return q.view(B, T, self.H, self.d).transpose(1, 2)
+        return q.view(Bc, T, self.H, self.d).transpose(1, 2)
 
     def _self_attn(self, x: Tensor, layer: _Layer) -> Tensor:
-        """x (B, T, D) fp32 -> norm1(x + causal self-attention(x)) fp32."""
-        B, T, D = x.shape
-        qkv = layer.sa_in(x).view(B, T, 3, self.H, self.d).permute(2, 0, 3, 1, 4)
+        """x (Bc, T, D) fp32 -> norm1(x + causal self-attention(x)) fp32 (Bc: 1 or B)."""
+        Bc, T, D = x.shape
+        qkv = layer.sa_in(x).view(Bc, T, 3, self.H, self.d).permute(2, 0, 3, 1, 4)
         if self.fused_attention:
             ctx = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
         else:
-            s = torch.matmul(qkv[0] * self.scale, qkv[1].transpose(-1, -2))  # (B, H, T, T)
+            s = torch.matmul(qkv[0] * self.scale, qkv[1].transpose(-1, -2))  # (Bc, H, T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
             ctx = torch.matmul(torch.softmax(s.masked_fill_(causal, float("-inf")), dim=-1), qkv[2])
-        ctx = ctx.transpose(1, 2).reshape(B, T, D)
+        ctx = ctx.transpose(1, 2).reshape(Bc, T, D)
         return self._norm(x + layer.sa_out(ctx), layer.norms[0])
 
     def _cross_and_ff(self, x: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None, layer: _Layer) -> Tensor:
-        """x (B, T, D) fp32, q (B, H, T, d), kv (A, H, S, d) each -> (A, T, D) fp32:
+        """x (Bc, T, D) fp32, q (Bc, H, T, d), kv (B, H, S, d) each -> (B, T, D) fp32:
         norm3(y + ff(y)) with y = norm2(x + cross-attention(q, kv))."""
         k, v = kv
-        A, T = k.shape[0], x.shape[1]
+        B, T = k.shape[0], x.shape[1]
         if self.fused_attention:
-            ctx = F.scaled_dot_product_attention(q.expand(A, -1, -1, -1).contiguous(), k, v, attn_mask=mask, scale=1.0)
+            ctx = F.scaled_dot_product_attention(q.expand(B, -1, -1, -1).contiguous(), k, v, attn_mask=mask, scale=1.0)
         else:
-            s = torch.matmul(q, k.transpose(-1, -2))  # (A, H, T, S)
+            s = torch.matmul(q, k.transpose(-1, -2))  # (B, H, T, S)
             if mask is not None:
                 s = s + mask
-            ctx = torch.matmul(torch.softmax(s, dim=-1), v)  # (A, H, T, d)
-        ctx = ctx.transpose(1, 2).reshape(A, T, self.D)
+            ctx = torch.matmul(torch.softmax(s, dim=-1), v)  # (B, H, T, d)
+        ctx = ctx.transpose(1, 2).reshape(B, T, self.D)
         y = self._norm(x + layer.ca_out(ctx), layer.norms[1])
         return self._norm(y + layer.ff2(layer.ff1(y, gelu=True)), layer.norms[2])
 
@@ -312,18 +334,25 @@ def pair_flops(cfg: DecoderConfig, vocab_size: int, n_tokens: float, n_frames: f
 
 
 class PairScorer:
-    """Loss matrix of a fixed audio index against any list of tokenised captions.
+    """Losses of a fixed audio index against tokenised captions: a matrix or listed pairs.
 
     Built once per actor: each audio is projected once (memory, sorted by length so that
     neighbours pad little) and, through `FastDecoder.audio_kv`, so are the cross-attention
-    keys/values of every layer, kept for all N audios (memory cost: 2 x n_layers x the
-    memory, N x S x 2 n_layers D floats). A caption's caption-only work (embedding, first
+    keys/values of every layer, kept for all N audios (2 x n_layers x N x S x D in the
+    compute dtype, `scorer_memory`). A caption's caption-only work (embedding, first
     self-attention) is done once, then its pairs run against fixed chunks of the sorted
     audio index (`_chunks`): a forward is one caption, unpadded, against one chunk.
+
+    Knobs the benchmark's ablations turn (docs/benchmarks.md; the jobs use the defaults):
+    cpu_rows: on CPU a forward stops at this many token rows (chunk audios x caption
+    tokens), so the activations stay cache-sized; None: pairs_per_batch audios a forward, as
+    on a GPU. Outputs are bit-identical across blocks and actors for a fixed value; another
+    value changes the chunks, so the last bits. pack_weights: oneDNN pre-packed CPU linears
+    (False: `F.linear`, same maths, ~10% slower). fused_attention: as `FastDecoder`'s.
     """
 
-    # CPU forwards stop at about this many token rows (chunk audios x caption tokens): the
-    # activations then stay cache-sized (docs/benchmarks.md); the GPU takes pairs_per_batch.
+    # CPU forwards stop at about this many token rows by default (docs/benchmarks.md: 256
+    # to the whole index are within noise on CPU, 768 kept).
     CPU_ROWS = 768
 
     def __init__(
@@ -334,6 +363,10 @@ class PairScorer:
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         pairs_per_batch: int = 4096,
+        *,
+        cpu_rows: int | None = CPU_ROWS,
+        pack_weights: bool = True,
+        fused_attention: bool | None = None,
     ):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
@@ -342,28 +375,12 @@ class PairScorer:
         self.device = torch.device(device)
         self.precision = precision
         self.pairs_per_batch = pairs_per_batch
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-        )
-        # audios sorted by length: a chunk of neighbours pads little
-        self.n_audios = len(frames)
-        lens = np.array([f.shape[0] for f in frames])
-        self.order = np.argsort(lens, kind="stable")
-        self.rank_of = np.empty(len(frames), dtype=np.int64)  # frames position -> sorted position
-        self.rank_of[self.order] = np.arange(len(frames))
-        self.lens = lens[self.order]
-        S, D = int(lens.max()), model.cfg.d_model
-        self.memory = torch.zeros(len(frames), S, D, device=self.device)
-        self.mask = torch.ones(len(frames), S, dtype=torch.bool, device=self.device)
-        with torch.inference_mode():
-            for j, i in enumerate(self.order):
-                f = torch.tensor(np.asarray(frames[i], np.float32), device=self.device)[None]
-                self.memory[j, : f.shape[1]] = model.encode(f)[0].float()
-                self.mask[j, : f.shape[1]] = False
+        self._project(frames)
         on_cpu = self.device.type == "cpu"
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.fast = FastDecoder(self.model, dtype, pack_rows=self.CPU_ROWS if on_cpu else None)
-        self.max_rows = self.CPU_ROWS if on_cpu else None
+        pack_rows = (cpu_rows or self.CPU_ROWS) if on_cpu and pack_weights else None
+        self.fast = FastDecoder(self.model, dtype, pack_rows=pack_rows, fused_attention=fused_attention)
+        self.cpu_rows = cpu_rows if on_cpu else None
         with torch.inference_mode():
             parts = [
                 self.fast.audio_kv(self.memory[a0 : a0 + pairs_per_batch])
@@ -372,12 +389,30 @@ class PairScorer:
             self.kv = [tuple(torch.cat([p[i][j] for p in parts]) for j in range(2)) for i in range(len(parts[0]))]
         self._chunk_cache: dict[int, list] = {}
 
+    def _project(self, frames: list[np.ndarray]) -> None:
+        """frames (N lists of (S_i, E)) -> memory (N, S, D) fp32 and mask (N, S) bool (True on
+        padding), rows sorted by frame count: a chunk of neighbours pads little."""
+        self.n_audios = len(frames)
+        lens = np.array([f.shape[0] for f in frames])
+        self.order = np.argsort(lens, kind="stable")
+        self.rank_of = np.empty(len(frames), dtype=np.int64)  # frames position -> sorted position
+        self.rank_of[self.order] = np.arange(len(frames))
+        self.lens = lens[self.order]
+        S, D = int(lens.max()), self.model.cfg.d_model
+        self.memory = torch.zeros(len(frames), S, D, device=self.device)
+        self.mask = torch.ones(len(frames), S, dtype=torch.bool, device=self.device)
+        with torch.inference_mode():
+            for j, i in enumerate(self.order):
+                f = torch.tensor(np.asarray(frames[i], np.float32), device=self.device)[None]
+                self.memory[j, : f.shape[1]] = self.model.encode(f)[0].float()
+                self.mask[j, : f.shape[1]] = False
+
     def _chunks(self, T: int) -> list[tuple[int, int, int, bool]]:
         """Fixed chunks (a0, a1, S, padded) of the sorted audio index for a caption of T input
-        tokens: at most pairs_per_batch audios (and CPU_ROWS token rows on CPU). They depend
+        tokens: at most pairs_per_batch audios (and cpu_rows token rows on CPU). They depend
         on T and the index only, never on the other captions scored alongside."""
         if T not in self._chunk_cache:
-            size = self.pairs_per_batch if self.max_rows is None else max(1, min(self.pairs_per_batch, self.max_rows // T))
+            size = self.pairs_per_batch if self.cpu_rows is None else max(1, min(self.pairs_per_batch, self.cpu_rows // T))
             out = []
             for a0 in range(0, self.n_audios, size):
                 a1 = min(a0 + size, self.n_audios)
@@ -409,84 +444,46 @@ class PairScorer:
                     out[self.order[a0:a1], j] = losses.cpu().numpy()
         return out
 
-    def loss_at(self, tokens: list[list[int]], audio_index, caption_index) -> np.ndarray:
-        """Losses (P,) float32 of the pairs (audio_index[p], tokens[caption_index[p]]) (audio
-        positions in the constructor's frames), computed the way `loss_matrix` computes them.
+    def loss_pairs(self, audio_index, tokens: list[list[int]], caption_index=None) -> np.ndarray:
+        """Losses (P,) float32 of P listed pairs; audio_index (P,): positions in the frames
+        given to the constructor. The one way to score a list of pairs; how the captions are
+        named picks the layout, and with it the numerics:
 
-        A pair runs as in `loss_matrix`: its caption's prefix computed alone, its audio
-        padded to the frame count of its fixed chunk. Pairs of captions with the same
-        length whose audios fall in the same chunk share forwards (one prefix per pair,
-        stacked); the rows of a forward do not mix. The BLAS kernels may still round a row
-        differently when the forward has another row count (a one-pair forward does on this
-        CPU, so a lone pair takes a neighbour along; seen otherwise: 1 pair in 1,600 off by
-        one ulp for a width-32 model, none at the paper's width), so the losses equal
-        `loss_matrix`'s to the last bit, not always in it. Captions with the same tokens get
-        the same bits (computed once), so duplicate captions tie exactly, as in
-        `loss_matrix`. The fp32 half of precision "bf16-refined" (`refine_block`).
+        - caption_index None: tokens holds P token lists, pair p's own caption. Pairs run in
+          batches of pairs_per_batch (fewer on CPU) mixing captions, right-padded: the fast
+          layout for pairs that mostly have a caption of their own (perturb). Equal to
+          `loss_matrix`'s losses within fp32 rounding, not to the bit.
+        - caption_index (P,): tokens is a list of captions and pair p is (audio_index[p],
+          tokens[caption_index[p]]). Each pair is computed as `loss_matrix` computes it (its
+          caption's prefix alone, its audio padded to its fixed chunk), so the losses are
+          `loss_matrix`'s: the fp32 half of "bf16-refined" (`refine_block`) relies on it.
+          Pairs of one caption length in one chunk share forwards (stacked per-pair
+          prefixes; rows never mix). The kernels may still round a row differently in a
+          forward of another row count (a one-row forward does on this CPU, so a lone pair
+          takes a neighbour along; otherwise seen once in 1,600 pairs, one ulp, for a
+          width-32 model, never at the paper's width): equal to the last bit, not always in
+          it. Captions with the same tokens are computed once, so duplicates tie exactly.
         """
+        if caption_index is None:
+            assert len(audio_index) == len(tokens), f"{len(audio_index)=} {len(tokens)=}"
+            return self._pairs_batched(np.asarray(audio_index, dtype=np.int64), tokens)
         audio_index = np.asarray(audio_index, dtype=np.int64)
         caption_index = np.asarray(caption_index, dtype=np.int64)
-        if audio_index.size == 0:
-            return np.empty(0, dtype=np.float32)
-        # one computation per distinct (audio, token sequence)
-        first: dict[tuple, int] = {}
-        canon = np.array([first.setdefault(tuple(tokens[c]), int(c)) for c in caption_index.tolist()], dtype=np.int64)
-        pairs, back = np.unique(np.stack([audio_index, canon], axis=1), axis=0, return_inverse=True)
-        if pairs.shape[0] < audio_index.size:
-            return self.loss_at(tokens, pairs[:, 0], pairs[:, 1])[back.reshape(-1)]
-        out = np.empty(audio_index.size, dtype=np.float32)
-        ranks = self.rank_of[audio_index]
-        T_of = np.array([len(tokens[c]) - 1 for c in caption_index], dtype=np.int64)
-        chunk_of = np.empty_like(ranks)
-        for T in np.unique(T_of):
-            sel = T_of == T
-            starts = np.array([c[0] for c in self._chunks(int(T))])
-            chunk_of[sel] = np.searchsorted(starts, ranks[sel], side="right") - 1
-        prefixes: dict[int, Prefix] = {}
-        with torch.inference_mode():
+        assert audio_index.shape == caption_index.shape, f"{audio_index.shape=} {caption_index.shape=}"
+        return self._pairs_as_matrix(audio_index, tokens, caption_index)
 
-            def prefix(c: int) -> Prefix:
-                if c not in prefixes:
-                    tok = torch.tensor(tokens[c], dtype=torch.long, device=self.device)[None]
-                    prefixes[c] = self.fast.prefix(tok[:, :-1])
-                return prefixes[c]
-
-            order = np.lexsort((caption_index, ranks, chunk_of, T_of))
-            key = np.stack([T_of[order], chunk_of[order]], axis=1)
-            bounds = np.flatnonzero((key[1:] != key[:-1]).any(axis=1)) + 1
-            for grp in np.split(order, bounds):
-                T = int(T_of[grp[0]])
-                a0, a1, S, padded = self._chunks(T)[int(chunk_of[grp[0]])]
-                per = a1 - a0 if self.max_rows is None else max(1, self.max_rows // T)
-                for g0 in range(0, grp.size, per):
-                    sel = grp[g0 : g0 + per]
-                    rows, caps = ranks[sel], caption_index[sel]
-                    if sel.size == 1 and a1 - a0 > 1:  # a neighbour along (its loss is dropped)
-                        rows = np.append(rows, rows[0] + 1 if rows[0] + 1 < a1 else rows[0] - 1)
-                        caps = np.append(caps, caps[0])
-                    ps = [prefix(int(c)) for c in caps]
-                    pre = Prefix(torch.cat([p.x for p in ps]), torch.cat([p.q for p in ps]))
-                    target = torch.tensor([tokens[int(c)][1:] for c in caps], dtype=torch.long, device=self.device)
-                    r = torch.as_tensor(rows, device=self.device)
-                    mask = self.mask[r, :S] if padded else None
-                    losses = self.fast.losses(pre, self._kv(r, S), mask, target).cpu().numpy()
-                    out[sel] = losses[: sel.size]
-        return out
-
-    def loss_pairs(self, audio_index: list[int], tokens: list[list[int]]) -> np.ndarray:
-        """Losses (P,) float32 of listed pairs: audio_index[p] (position in the frames given
-        to the constructor) with tokens[p]. Same numerics as `loss_matrix` (the same fast
-        forward, here over batches of different captions, right-padded)."""
+    def _pairs_batched(self, audio_index: np.ndarray, tokens: list[list[int]]) -> np.ndarray:
+        """`loss_pairs` with one caption per pair: batches sorted by audio then length."""
         P = len(tokens)
         out = np.empty(P, dtype=np.float32)
         if P == 0:
             return out
-        rows = self.rank_of[np.asarray(audio_index, dtype=np.int64)]
+        rows = self.rank_of[audio_index]
         lengths = np.array([len(t) for t in tokens])
         p_order = np.lexsort((lengths, rows))
         size = self.pairs_per_batch
-        if self.max_rows is not None:
-            size = max(1, min(size, self.max_rows // int(lengths.max())))
+        if self.cpu_rows is not None:
+            size = max(1, min(size, self.cpu_rows // int(lengths.max())))
         with torch.inference_mode():
             for p0 in range(0, P, size):
                 idx = p_order[p0 : p0 + size]
@@ -505,23 +502,61 @@ class PairScorer:
                 out[idx] = losses.cpu().numpy()
         return out
 
-    def _module_loss_matrix(self, tokens: list[list[int]]) -> np.ndarray:
-        """The plain-module path this class used before `FastDecoder`: `pair_loss_memory`
-        (the whole nn.TransformerDecoder, bf16 through autocast) for one caption against
-        chunks of pairs_per_batch audios. A reference for tests and jobs/bench_scoring.py."""
-        m = len(tokens)
-        out = np.empty((self.n_audios, m), dtype=np.float32)
-        with torch.inference_mode(), self.autocast:
-            for j in range(m):
-                tok = torch.tensor(tokens[j], dtype=torch.long, device=self.device)[None]
-                for a0 in range(0, self.n_audios, self.pairs_per_batch):
-                    a1 = min(a0 + self.pairs_per_batch, self.n_audios)
-                    S = int(self.lens[a1 - 1])
-                    losses = pair_loss_memory(
-                        self.model, self.memory[a0:a1, :S], self.mask[a0:a1, :S], tok.expand(a1 - a0, -1), self.pad_id
-                    )
-                    out[self.order[a0:a1], j] = losses.float().cpu().numpy()
+    def _pairs_as_matrix(self, audio_index: np.ndarray, tokens: list[list[int]], caption_index: np.ndarray) -> np.ndarray:
+        """`loss_pairs` with a caption list: pairs grouped by (caption length, chunk)."""
+        if audio_index.size == 0:
+            return np.empty(0, dtype=np.float32)
+        # one computation per distinct (audio, token sequence)
+        first: dict[tuple, int] = {}
+        canon = np.array([first.setdefault(tuple(tokens[c]), int(c)) for c in caption_index.tolist()], dtype=np.int64)
+        pairs, back = np.unique(np.stack([audio_index, canon], axis=1), axis=0, return_inverse=True)
+        if pairs.shape[0] < audio_index.size:
+            return self._pairs_as_matrix(pairs[:, 0], tokens, pairs[:, 1])[back.reshape(-1)]
+        out = np.empty(audio_index.size, dtype=np.float32)
+        ranks = self.rank_of[audio_index]
+        T_of = np.array([len(tokens[c]) - 1 for c in caption_index], dtype=np.int64)
+        chunk_of = np.empty_like(ranks)
+        for T in np.unique(T_of):
+            sel = T_of == T
+            starts = np.array([c[0] for c in self._chunks(int(T))])
+            chunk_of[sel] = np.searchsorted(starts, ranks[sel], side="right") - 1
+        order = np.lexsort((caption_index, ranks, chunk_of, T_of))
+        key = np.stack([T_of[order], chunk_of[order]], axis=1)
+        bounds = np.flatnonzero((key[1:] != key[:-1]).any(axis=1)) + 1
+        prefixes: dict[int, Prefix] = {}
+        with torch.inference_mode():
+            for grp in np.split(order, bounds):
+                T = int(T_of[grp[0]])
+                chunk = self._chunks(T)[int(chunk_of[grp[0]])]
+                out[grp] = self._chunk_group(tokens, ranks[grp], caption_index[grp], T, chunk, prefixes)
         return out
+
+    def _chunk_group(self, tokens, ranks: np.ndarray, caps: np.ndarray, T: int, chunk, prefixes: dict) -> np.ndarray:
+        """Pairs of captions of T input tokens whose audios (sorted positions `ranks`) lie in
+        one chunk -> their losses, in forwards of at most the chunk's row count."""
+        a0, a1, S, padded = chunk
+        per = a1 - a0 if self.cpu_rows is None else max(1, self.cpu_rows // T)
+        out = np.empty(ranks.size, dtype=np.float32)
+        for g0 in range(0, ranks.size, per):
+            rows, cs = ranks[g0 : g0 + per], caps[g0 : g0 + per]
+            n = rows.size
+            if n == 1 and a1 - a0 > 1:  # a neighbour along (its loss is dropped): see loss_pairs
+                rows = np.append(rows, rows[0] + 1 if rows[0] + 1 < a1 else rows[0] - 1)
+                cs = np.append(cs, cs[0])
+            ps = [self._prefix(tokens, int(c), prefixes) for c in cs]
+            pre = Prefix(torch.cat([p.x for p in ps]), torch.cat([p.q for p in ps]))
+            target = torch.tensor([tokens[int(c)][1:] for c in cs], dtype=torch.long, device=self.device)
+            r = torch.as_tensor(rows, device=self.device)
+            mask = self.mask[r, :S] if padded else None
+            out[g0 : g0 + n] = self.fast.losses(pre, self._kv(r, S), mask, target).cpu().numpy()[:n]
+        return out
+
+    def _prefix(self, tokens, c: int, cache: dict) -> Prefix:
+        """Caption c's prefix computed alone (as `loss_matrix` does), once per call."""
+        if c not in cache:
+            tok = torch.tensor(tokens[c], dtype=torch.long, device=self.device)[None]
+            cache[c] = self.fast.prefix(tok[:, :-1])
+        return cache[c]
 
 
 # --------------------------------------------------------------------------------------
@@ -603,20 +638,22 @@ def refine_block(
     fix(t2a | lo | hi)
     mn, mx = L[rows_s].min(axis=0), L[rows_s].max(axis=0)
     span = mx - mn
+    S = minmax_scale(L, mn, mx)  # D scales alike; span 0: unbounded, every pair a candidate
     with np.errstate(divide="ignore", invalid="ignore"):
-        S = np.where(span > 0, (L - mn) / np.where(span > 0, span, 1.0), 0.0)
         DS = np.where(span > 0, D / np.where(span > 0, span, 1.0), np.where(D > 0, np.inf, 0.0))
     fix(_window(L, D, k) | _window(S, DS, k))
     return L, {"pairs": int(N * m), "rescored": n_rescored, "max_rel_err": seen}
 
 
 class BlockScorer:
-    """The losses score_matrix and reindex rank, for one fixed audio index.
+    """The losses score_matrix and reindex rank, for one fixed audio index: the one way to
+    score a block of captions against every audio (`losses`).
 
     precision "fp32" or "bf16": `PairScorer` at that precision. "bf16-refined": a bf16
     `PairScorer` screens every pair and an fp32 one re-scores the pairs that decide the
     block's top-k lists and caption min/max (`refine_block`): the rankings of fp32 at close
-    to bf16's speed once the index is large (docs/benchmarks.md).
+    to bf16's speed once the index is large (docs/benchmarks.md). It holds both scorers,
+    so about 1.5 times the index and key/value memory of fp32 alone (`scorer_memory`).
     """
 
     def __init__(self, model, pad_id, frames, device="cpu", precision="fp32", pairs_per_batch=4096, margin=REFINE_MARGIN):
@@ -626,13 +663,15 @@ class BlockScorer:
         self.exact = PairScorer(model, pad_id, frames, device, "fp32", pairs_per_batch) if self.refined else None
 
     def losses(self, tokens: list[list[int]], k: int, stat_rows=None) -> tuple[np.ndarray, dict | None]:
-        """Token lists of m captions -> (losses (N, m), refine info or None)."""
+        """Token lists of m captions -> (losses (N, m), refine info or None): float32, or
+        float64 from bf16-refined (fp32 values widened exactly where re-scored). k: the
+        top-k depth the refinement must get right; stat_rows: as `refine_block`'s."""
         L = self.scorer.loss_matrix(tokens)
         if not self.refined:
             return L, None
 
         def rescore(rows, cols):
-            return self.exact.loss_at(tokens, rows, cols)
+            return self.exact.loss_pairs(rows, tokens, cols)
 
         return refine_block(L, rescore, k, self.margin, stat_rows)
 
@@ -697,7 +736,9 @@ def check_inputs(audio, audio_desc: str, table: pa.Table, captions_desc: str):
 
 
 def tokenize(tok: WordTokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
-    """The scorer's tokenisation: bos .. eos, cut to max_tokens keeping eos."""
+    """The scorer's tokenisation: bos .. eos, cut to max_tokens keeping eos. A cut caption
+    is scored as another, shorter one: a job that must not do that refuses the captions
+    `over_long` names first (score_matrix does)."""
     out = []
     for t in texts:
         ids = tok.encode(t)
@@ -705,6 +746,24 @@ def tokenize(tok: WordTokenizer, texts: list[str], max_tokens: int) -> list[list
             ids = ids[: max_tokens - 1] + [tok.eos_id]
         out.append(ids)
     return out
+
+
+def over_long(caption_ids: list[str], tokens: list[list[int]], max_tokens: int) -> str | None:
+    """A problem line naming the captions the decoder cannot score whole, or None.
+
+    tokens: each caption's uncut tokens (bos, words, eos: `WordTokenizer.encode`);
+    max_tokens: the decoder's max_len + 1 (its max_len input positions hold bos and the
+    words), so a caption may hold at most max_tokens - 2 words."""
+    long = [(c, len(t) - 2) for c, t in zip(caption_ids, tokens, strict=True) if len(t) > max_tokens]
+    if not long:
+        return None
+    shown = ", ".join(f"{c} ({n} words)" for c, n in long[:5])
+    return (
+        f"{len(long)} caption(s) longer than the decoder's limit of {max_tokens - 2} words "
+        f"(model.max_len = {max_tokens - 1}), e.g. {shown}: cut, each would be scored as another, "
+        "shorter caption. Shorten them or leave them out (caption_subsets), or score with a "
+        "checkpoint trained with a larger model.max_len"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -716,25 +775,30 @@ def scorer_memory(
     n_audios: int, max_frames: int, cfg: DecoderConfig, n_params: int, precision: str,
     block_captions: int, embed_width: int = 768,
 ) -> dict[str, int]:
-    """Bytes one actor needs to score blocks of `block_captions` captions against N audios
-    of at most S = max_frames frames, by part (a `BlockScorer` at `precision`):
-    - embeddings: the N x S x embed_width float32 frames read at start-up;
-    - model: fp32 weights, plus the bf16 copies FastDecoder keeps for bf16;
-    - index: the projected memory N x S x D fp32 and its N x S padding mask, per scorer;
-    - kv_cache: every layer's cross-attention keys and values, 2 x layers x N x S x D in the
-      compute dtype, per scorer (bf16-refined holds a bf16 and an fp32 scorer);
-    - block: one block's losses N x block float32, plus refinement's float64 work arrays.
-    Peak need is their sum (the frames are freed once the scorers are built, but the
-    scorers are built while they are held)."""
+    """Bytes one actor holds to score blocks of `block_captions` captions against N audios
+    of at most S = max_frames frames with a `BlockScorer` at `precision`, by part:
+    - embeddings: the N x S x embed_width float32 frames read at start-up (dropped once the
+      scorers are built, but held while they are built, so part of the peak);
+    - model: the module's fp32 weights, plus per scorer FastDecoder's weight copies in its
+      compute dtype (bf16 copies; on CPU oneDNN-packed ones), counted as two: a bound;
+    - index: per scorer the projected memory N x S x D fp32 and its N x S bool padding mask;
+    - kv_cache: per scorer every layer's cross-attention keys and values, 2 x n_layers x N x
+      S x D in the compute dtype: at the paper's size (6 layers, D 256) 38 GB fp32 for 100k
+      audios of 31 frames, the part that bounds N;
+    - block: one block's losses N x block float32, the ranking's float64 working copies (3)
+      and, for bf16-refined, the refinement's float64 work arrays (6).
+    bf16-refined holds two scorers, a bf16 one that screens and an fp32 one that decides.
+    `index` and `kv_cache` are exactly the tensors `PairScorer` allocates; the total is the
+    peak, since everything above is alive while the first block is scored."""
     N, S, D, layers = int(n_audios), int(max_frames), cfg.d_model, cfg.n_layers
-    scorers = {"fp32": [4], "bf16": [2], "bf16-refined": [2, 4]}[precision]
+    scorers = {"fp32": [4], "bf16": [2], "bf16-refined": [2, 4]}[precision]  # bytes per value, per scorer
     cells = N * S
     parts = {
         "embeddings": cells * embed_width * 4,
-        "model": n_params * 4 + (n_params * 2 if 2 in scorers else 0),
+        "model": n_params * 4 + sum(2 * n_params * b for b in scorers),
         "index": len(scorers) * cells * (D * 4 + 1),
         "kv_cache": sum(2 * layers * cells * D * b for b in scorers),
-        "block": N * block_captions * (4 + (6 * 8 if precision == "bf16-refined" else 0)),
+        "block": N * block_captions * (4 + 3 * 8 + (6 * 8 if precision == "bf16-refined" else 0)),
     }
     parts["total"] = sum(parts.values())
     return parts

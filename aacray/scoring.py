@@ -1,40 +1,66 @@
 """Stage (the main job): score the audio x caption cross product, reduce, rank, evaluate.
 
+Phases (the skeleton of aacray/stage.py), one function each:
+1. plan (`plan_score_matrix` -> `ScorePlan`): read and check the inputs in the driver, cut
+   the captions into blocks, choose the plots' queries, add up what one actor will hold;
+2. set up (`_set_up` -> `Run`): refuse a plan no actor can hold (`stage.check_actor_memory`),
+   resume an unfinished run or begin the output, start Ray;
+3. run (`_run_blocks`): every pending block x every audio on the actor pool (`ScoreActor`),
+   one result file per block under `_blocks/`;
+4. reduce (`_reduce` -> `Reduced`): the blocks' stats, top-k lists and plot rows, merged;
+5. commit (`_commit`): tables, metrics.json, plots, the manifest last; `_blocks/` removed.
+
 Blocks. The caption set is cut into blocks of `caption_block_size` captions; each block is
 scored against EVERY audio of the index by one actor of a Ray Data pool. So a block's
 per-caption min/max and text-to-audio top-k are final when it finishes, and only the
 per-audio audio-to-text candidates (raw and min-max) are merged across blocks, by the
-driver, as block results stream in. The full N x M matrix never exists anywhere unless
-`write_scores` asks for it (each actor then writes its block's rows itself).
+driver. The full N x M matrix never exists anywhere unless `write_scores` asks for it
+(each actor then writes its block's rows itself, `write_scores_block`). Shapes follow the
+legend of aacray/scorer.py: N audios, M captions, m of one block, S frames, D width.
 
-Memory model: an actor holds the model and the projected audio index (N x S x D floats)
-plus one block of losses (N x caption_block_size); the driver holds N x k and M x k
-top-k rows and M caption stats. Cost model: pairs x FLOPs per pair / device rate (see
-README).
+Resume. A block's result lands in `_blocks/` as it finishes; a rerun whose fingerprint
+(everything that shapes a block's result) matches skips the blocks already there.
 
-Inside an actor (`PairScorer`) each audio is projected once, captions are sorted by
-length so a batch pads little, and pairs run in batches of `pairs_per_batch`.
-Numerics (`precision`): fp32 by default; bf16 (the decoder's matmuls in bf16, the loss
-always reduced in fp32); bf16-refined (`BlockScorer`, `refine_block`): bf16 for every pair,
-fp32 again for the pairs that decide the block's top-k lists and caption min/max, so the
-tables and metrics are fp32's.
+Memory model: what one actor holds (`scorer.scorer_memory`; logged and checked against
+`actors.memory_gb`, or the node's or GPU's memory, before any actor starts):
+- the model (~12M parameters at the paper's size) and the scorer's weight copies;
+- the projected audio index, N x S x D fp32: 3.2 GB for 100k audios of 31 frames, D 256;
+- the per-layer cross-attention key/value cache, 2 x n_layers x N x S x D in the compute
+  dtype: 38 GB fp32 for the same 100k audios, the part that bounds N;
+- with bf16-refined, two scorers: a bf16 one that screens and an fp32 one that decides
+  (the index twice, the cache 1.5 times fp32's);
+- the frames read at start-up (N x S x 768 float32) while the scorers are built, and one
+  block of losses (N x caption_block_size) with the ranking's work arrays.
+The driver holds N x k and M x k top-k rows and M caption stats. Cost model: pairs x
+FLOPs per pair / device rate (README).
+
+Numerics (`scorer.precision`): fp32 by default; bf16 (the decoder layers' matmuls on bf16
+weight copies, the classifier and the loss in fp32; no autocast); bf16-refined
+(`BlockScorer`, `refine_block`): bf16 for every pair, fp32 again for the pairs that decide
+the block's top-k lists and caption min/max, so the tables and metrics are fp32's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
+import os
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
+from aacray import checkpoint as ckpt_lib
 from aacray import storage
+from aacray.config import ScoreConfig, from_dict, to_dict
 from aacray.embeddings import read_captions, read_embeddings
 from aacray.errors import BadInputError
+from aacray.plots import plot_heatmap, plot_loss_curves
 from aacray.retrieval import (
     BlockResult,
     CaptionStats,
@@ -43,11 +69,14 @@ from aacray.retrieval import (
     score_block,
     topk_merge,
 )
-from aacray.scorer import BlockScorer, check_inputs, refine_summary, tokenize
+from aacray.runtime import init_ray
+from aacray.scorer import BlockScorer, check_inputs, over_long, refine_summary, scorer_memory
+from aacray.stage import Output, actor_setup, check_actor_memory, map_actors
 from aacray.text import WordTokenizer, normalize
 
 log = logging.getLogger("aacray.scoring")
 
+JOB = "score_matrix"
 TABLES = ["caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw"]
 BLOCKS = "_blocks"  # per-block results of an unfinished run (resume reads them)
 # The scorer's numerics: recorded in metrics.json and part of the resume fingerprint, so a
@@ -57,12 +86,23 @@ BLOCKS = "_blocks"  # per-block results of an unfinished run (resume reads them)
 SCORER_VERSION = "fastdecode-1"
 CORNER = 32  # heatmap side
 N_CURVES = 3  # queries in the loss-curve figure
+WAYS_OUT = (
+    "fewer audios per job (audio_subsets, or split the index across jobs); scorer.precision bf16 "
+    "(half the key/value cache of fp32; bf16-refined holds a bf16 and an fp32 scorer); an actor "
+    "with more memory (actors.memory_gb, a larger node or GPU); a smaller caption_block_size"
+)
 
+
+# --------------------------------------------------------------------------------------
+# 1. Plan
+# --------------------------------------------------------------------------------------
 
 
 def load_inputs(audio_uri: str, audio_subsets, captions_uri: str, caption_subsets, tok: WordTokenizer, max_tokens: int):
     """(audio EmbeddingSet, caption ids, token lists, ground-truth audio or None, texts).
-    Raises BadInputError naming the items, before any scoring."""
+    Raises BadInputError naming the items, before any scoring: bad or missing audios,
+    duplicate or empty captions, and captions longer than the decoder takes (max_tokens,
+    bos and eos included), which are refused rather than cut."""
     audio = read_embeddings(audio_uri, audio_subsets)
     table = read_captions(captions_uri, caption_subsets)
     cids, texts, gts, bad = check_inputs(
@@ -71,14 +111,169 @@ def load_inputs(audio_uri: str, audio_subsets, captions_uri: str, caption_subset
     empty = [c for c, t in zip(cids, texts, strict=True) if not normalize(t or "")]
     if empty:
         bad.append(f"captions empty after normalisation: {empty[:10]}")
+    # uncut: a caption over the limit is refused here, so none is cut (`scorer.tokenize`)
+    tokens = [tok.encode(t or "") for t in texts]
+    long = over_long(cids, tokens, max_tokens)
+    if long:
+        bad.append(long)
     if bad:
         raise BadInputError("score_matrix refused its inputs, nothing was scored:\n  " + "\n  ".join(bad))
-    return audio, cids, tokenize(tok, texts, max_tokens), gts, texts
+    return audio, cids, tokens, gts, texts
+
+
+@dataclass
+class ScorePlan:
+    """What the driver settles before any actor starts; caption positions index `caption_ids`."""
+
+    cfg: ScoreConfig
+    checkpoint_info: dict
+    audio_ids: list[str]
+    frame_shapes: list[tuple[int, ...]]
+    caption_ids: list[str]
+    tokens: list[list[int]]
+    gt_of: dict[str, str | None]  # caption -> its audio (None: an external caption)
+    caps_of: dict[str, list[str]]  # audio -> its captions
+    blocks: list[list[int]]  # caption positions of each block, cut from captions sorted by length
+    probe_audios: list[str]  # the loss-curve figure's queries
+    corner_audios: list[str]  # the heatmap's rows and columns
+    corner_captions: list[str]
+    oov: int  # captions holding unknown words
+    need: dict[str, int]  # bytes one actor holds, by part (`scorer_memory`)
+
+    @property
+    def n_audios(self) -> int:
+        return len(self.audio_ids)
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.caption_ids)
+
+    def fingerprint(self) -> str:
+        """A run is resumable when everything that shapes a block's result is unchanged."""
+        c = self.cfg
+        return hashlib.sha256(
+            repr(
+                (SCORER_VERSION, self.checkpoint_info, self.audio_ids, self.frame_shapes, self.caption_ids, self.tokens,
+                 c.k, c.scorer.precision, c.scorer.pairs_per_batch, c.caption_block_size, c.write_scores,
+                 self.probe_audios, self.corner_captions,
+                 c.scorer.refine_margin if c.scorer.precision == "bf16-refined" else None)
+            ).encode()
+        ).hexdigest()
+
+
+def plan_score_matrix(cfg: ScoreConfig) -> ScorePlan:
+    """Phase 1: read and check the inputs, cut the blocks, size one actor."""
+    model, tok, info = ckpt_lib.load(cfg.checkpoint)
+    audio, cids, tokens, gts, _ = load_inputs(
+        cfg.audio, cfg.audio_subsets, cfg.captions, cfg.caption_subsets, tok, model.cfg.max_len + 1
+    )
+    n, m = len(audio.audio_ids), len(cids)
+    oov = sum(1 for t in tokens if tok.unk_id in t)
+    log.info("score_matrix: %d audios x %d captions = %d pairs (%d captions hold unknown words)", n, m, n * m, oov)
+    caps_of: dict[str, list[str]] = {}
+    for c, g in zip(cids, gts, strict=True):
+        if g is not None:
+            caps_of.setdefault(g, []).append(c)
+    probe_audios, corner_audios, corner_captions = _plot_queries(audio.audio_ids, cids, caps_of)
+    # blocks: captions sorted by length (little padding), cut every caption_block_size
+    order = sorted(range(m), key=lambda j: (len(tokens[j]), cids[j]))
+    bs = cfg.caption_block_size
+    need = scorer_memory(
+        n, max(f.shape[0] for f in audio.frames), model.cfg, sum(p.numel() for p in model.parameters()),
+        cfg.scorer.precision, min(bs, m), embed_width=audio.frames[0].shape[1],
+    )
+    return ScorePlan(
+        cfg=cfg, checkpoint_info=info, audio_ids=audio.audio_ids, frame_shapes=[f.shape for f in audio.frames],
+        caption_ids=cids, tokens=tokens, gt_of=dict(zip(cids, gts, strict=True)), caps_of=caps_of,
+        blocks=[order[i : i + bs] for i in range(0, m, bs)], probe_audios=probe_audios,
+        corner_audios=corner_audios, corner_captions=corner_captions, oov=oov, need=need,
+    )
+
+
+def _plot_queries(audio_ids: list[str], cids: list[str], caps_of: dict[str, list[str]]):
+    """(probe audios of the loss curves, the heatmap's audios, one caption of each): audios
+    with ground-truth captions first choice, else the first ids."""
+    sorted_audio = sorted(audio_ids)
+    probe = [a for a in sorted_audio if a in caps_of][:N_CURVES] or sorted_audio[:N_CURVES]
+    corner_audios = audio_ids[:CORNER]
+    corner_captions = [sorted(caps_of[a])[0] for a in corner_audios if a in caps_of] or sorted(cids)[:CORNER]
+    return probe, corner_audios, corner_captions
 
 
 # --------------------------------------------------------------------------------------
-# The Ray Data actor
+# 2. Set up
 # --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """The state of this run of a plan: its output, and which blocks are left to score."""
+
+    output: Output
+    blocks_uri: str
+    done: set[int]  # blocks a previous run of the same plan left in _blocks/
+    pending: list[int]  # the rest, longest captions first
+
+
+def _set_up(plan: ScorePlan) -> Run:
+    """Phase 2: check the memory, resume or begin the output, start Ray."""
+    cfg = plan.cfg
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        # a cluster: join it first, so the guard sees its nodes. An embedded Ray would run
+        # on this machine, whose memory the guard reads without starting it: a refused job
+        # (or an unusable output URI) then starts no Ray at all.
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    check_actor_memory(JOB, plan.need, cfg.actors, WAYS_OUT)
+    blocks_uri = storage.join(cfg.output, BLOCKS)
+    run_file = storage.join(blocks_uri, "_run.json")
+    fingerprint = plan.fingerprint()
+    resuming = storage.exists(run_file) and storage.read_json(run_file).get("fingerprint") == fingerprint
+    if not resuming:
+        storage.remove(blocks_uri)
+    # `scores` is written by the actors block by block: a resumed run keeps what they wrote
+    output = Output(cfg.output, JOB, list(TABLES)).begin(cfg, clear=[] if resuming else ["scores"])
+    storage.write_json(run_file, {"fingerprint": fingerprint, "blocks": len(plan.blocks)})
+    done = {i for i in range(len(plan.blocks)) if storage.exists(block_path(blocks_uri, i))} if resuming else set()
+    if done:
+        log.info("score_matrix: resuming: %d of %d blocks already scored, skipped", len(done), len(plan.blocks))
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    # longest captions first (blocks are cut from captions sorted by length): the costliest
+    # blocks start early and the short ones fill in at the end, so actors finish together
+    pending = [i for i in reversed(range(len(plan.blocks))) if i not in done]
+    return Run(output, blocks_uri, done, pending)
+
+
+def block_path(blocks_uri: str, block: int) -> str:
+    return storage.join(blocks_uri, f"block-{block:07d}.parquet")
+
+
+# --------------------------------------------------------------------------------------
+# 3. Run: the Ray Data actor and the pipeline
+# --------------------------------------------------------------------------------------
+
+
+def scores_table(audio_ids, caption_ids, L: np.ndarray) -> pa.Table:
+    """The `scores` data contract for losses L (N, m) of N audios x m captions: one row per
+    pair, audio-major: audio_id string, caption_id string, loss float32."""
+    n, m = L.shape
+    assert (n, m) == (len(audio_ids), len(caption_ids)), f"{L.shape=} {len(audio_ids)=} {len(caption_ids)=}"
+    return pa.table(
+        {
+            "audio_id": pa.array(np.repeat(np.asarray(audio_ids, dtype=object), m), pa.string()),
+            "caption_id": pa.array(np.tile(np.asarray(caption_ids, dtype=object), n), pa.string()),
+            "loss": pa.array(L.reshape(-1), pa.float32()),
+        }
+    )
+
+
+def write_scores_block(scores_uri: str, name: str, audio_ids, caption_ids, L: np.ndarray) -> str:
+    """One actor's block of the `scores` table as one Parquet file `name` under scores_uri
+    (a stable name per block: a retried block overwrites its own file). Returns its URI."""
+    buf = io.BytesIO()
+    pq.write_table(scores_table(audio_ids, caption_ids, L), buf)
+    uri = storage.join(scores_uri, name)
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -96,15 +291,8 @@ class ScoreActor:
     """One block of captions x every audio -> block result (stats, top-k, plot rows)."""
 
     def __init__(self, cfg_dict: dict, probe_audios: list[str], corner_captions: list[str], fail_on_block: int | None = None):
-        from aacray import checkpoint as ckpt_lib
-        from aacray.config import ScoreConfig, from_dict
-
         cfg = from_dict(ScoreConfig, cfg_dict)
-        use_gpu = cfg.actors.num_gpus > 0 and torch.cuda.is_available()
-        device = "cuda" if use_gpu else "cpu"
-        if not use_gpu:
-            torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
-        model, tok, _ = ckpt_lib.load(cfg.checkpoint, device)
+        device, model, tok, _ = actor_setup(cfg.actors, cfg.checkpoint)
         audio = read_embeddings(cfg.audio, cfg.audio_subsets)
         self.audio_ids = audio.audio_ids
         self.scorer = BlockScorer(
@@ -141,41 +329,14 @@ class ScoreActor:
         res = score_block(L, self.audio_ids, cids, self.k)
         if self.scores_uri:
             key = hashlib.sha1("\x00".join(cids).encode()).hexdigest()[:20]
-            n, m = L.shape
-            t = pa.table(
-                {
-                    "audio_id": pa.array(np.repeat(np.array(self.audio_ids, dtype=object), m), pa.string()),
-                    "caption_id": pa.array(np.tile(np.array(cids, dtype=object), n), pa.string()),
-                    "loss": pa.array(L.reshape(-1), pa.float32()),
-                }
-            )
-            buf = io.BytesIO()
-            pq.write_table(t, buf)
-            # a stable name per block: a retried block overwrites its own file
-            storage.write_bytes(storage.join(self.scores_uri, f"block-{key}.parquet"), buf.getvalue())
-        corner_cols = [j for j, c in enumerate(cids) if c in self.corner_captions]
-        probe = pa.table(
-            {
-                "caption_id": pa.array(cids, pa.string()),
-                **{f"probe{i}": pa.array(L[ai], pa.float32()) for i, ai in enumerate(self.probe_idx)},
-            }
-        )
-        # typed columns: a block may hold none of the corner captions (an empty table must
-        # still concatenate with the others)
-        corner = pa.table(
-            {
-                "caption_id": pa.array([cids[j] for j in corner_cols], pa.string()),
-                **{a: pa.array(L[i, corner_cols], pa.float32()) for i, a in enumerate(self.audio_ids[:CORNER])},
-            }
-        )
+            write_scores_block(self.scores_uri, f"block-{key}.parquet", self.audio_ids, cids, L)
         row = pa.table(
             {
                 "stats": [_ipc(pa.table(res.stats.columns()))],
                 "t2a": [_ipc(pa.table(res.t2a.columns()))],
                 "a2t_raw": [_ipc(pa.table(res.a2t_raw.columns()))],
                 "a2t_minmax": [_ipc(pa.table(res.a2t_minmax.columns()))],
-                "probe": [_ipc(probe)],
-                "corner": [_ipc(corner)],
+                **self._plot_rows(cids, L),
                 "n_pairs": [L.size],
                 "rescored": [refined["rescored"] if refined else 0],
                 "max_rel_err": [refined["max_rel_err"] if refined else 0.0],
@@ -186,9 +347,55 @@ class ScoreActor:
         pq.write_table(row, buf)
         return buf.getvalue()
 
+    def _plot_rows(self, cids: list[str], L: np.ndarray) -> dict[str, list[bytes]]:
+        """The block's share of the figures: the probe audios' losses of its captions, and
+        the heatmap corner's columns it holds."""
+        probe = pa.table(
+            {
+                "caption_id": pa.array(cids, pa.string()),
+                **{f"probe{i}": pa.array(L[ai], pa.float32()) for i, ai in enumerate(self.probe_idx)},
+            }
+        )
+        # typed columns: a block may hold none of the corner captions (an empty table must
+        # still concatenate with the others)
+        cols = [j for j, c in enumerate(cids) if c in self.corner_captions]
+        corner = pa.table(
+            {
+                "caption_id": pa.array([cids[j] for j in cols], pa.string()),
+                **{a: pa.array(L[i, cols], pa.float32()) for i, a in enumerate(self.audio_ids[:CORNER])},
+            }
+        )
+        return {"probe": [_ipc(probe)], "corner": [_ipc(corner)]}
 
-def block_path(blocks_uri: str, block: int) -> str:
-    return storage.join(blocks_uri, f"block-{block:07d}.parquet")
+
+def _run_blocks(plan: ScorePlan, run: Run, fail_on_block: int | None) -> None:
+    """Phase 3: the pending blocks on the actor pool; each lands in `_blocks/`."""
+    if not run.pending:
+        return
+    import ray.data
+
+    cids, tokens, blocks = plan.caption_ids, plan.tokens, plan.blocks
+    # 1. one row per block of captions
+    ds = ray.data.from_items(
+        [
+            {"block": i, "caption_id": [cids[j] for j in blocks[i]], "tokens": [np.array(tokens[j], np.int32) for j in blocks[i]]}
+            for i in run.pending
+        ],
+        override_num_blocks=len(run.pending),
+    )
+    # 2. each block x every audio on the actor pool, one block at a time per actor: a block
+    # is seconds to minutes of work, and one queued behind another would idle a free actor
+    kwargs = {"cfg_dict": to_dict(plan.cfg), "probe_audios": plan.probe_audios,
+              "corner_captions": plan.corner_captions, "fail_on_block": fail_on_block}
+    ds = map_actors(ds, ScoreActor, kwargs, plan.cfg.actors, batch_size=1, one_task_per_actor=True)
+    finished = {int(r["block"]) for r in ds.iter_rows()}
+    if finished != set(run.pending):
+        raise RuntimeError(f"blocks missing after scoring: {sorted(set(run.pending) - finished)[:10]}")
+
+
+# --------------------------------------------------------------------------------------
+# 4. Reduce
+# --------------------------------------------------------------------------------------
 
 
 class _A2TMerger:
@@ -208,104 +415,26 @@ class _A2TMerger:
         return topk_merge(self.parts, self.k, self.kind)
 
 
-# --------------------------------------------------------------------------------------
-# The job
-# --------------------------------------------------------------------------------------
+@dataclass
+class Reduced:
+    """Every block's result merged: the final tables, the figures' rows, the counts."""
+
+    result: BlockResult
+    probe: pa.Table
+    corner: pa.Table
+    n_pairs: int
+    rescored: int
+    max_rel_err: float
 
 
-def run_score_matrix(cfg, _fail_on_block: int | None = None) -> dict:
-    import ray
-    import ray.data
-
-    from aacray import checkpoint as ckpt_lib
-    from aacray.config import dump_yaml, to_dict
-    from aacray.runtime import init_ray
-
-    t_start = time.time()
-    model, tok, info = ckpt_lib.load(cfg.checkpoint)
-    audio, cids, tokens, gts, texts = load_inputs(
-        cfg.audio, cfg.audio_subsets, cfg.captions, cfg.caption_subsets, tok, model.cfg.max_len + 1
-    )
-    del model
-    n, m = len(audio.audio_ids), len(cids)
-    oov = sum(1 for t in tokens if tok.unk_id in t)
-    log.info("score_matrix: %d audios x %d captions = %d pairs (%d captions hold unknown words)", n, m, n * m, oov)
-    out = cfg.output
-    # ground truth, probe audios for the loss curves, the heatmap corner
-    sorted_audio = sorted(audio.audio_ids)
-    has_gt = any(g is not None for g in gts)
-    gt_of = dict(zip(cids, gts, strict=True))
-    caps_of: dict[str, list[str]] = {}
-    for c, g in zip(cids, gts, strict=True):
-        if g is not None:
-            caps_of.setdefault(g, []).append(c)
-    probe_audios = [a for a in sorted_audio if a in caps_of][:N_CURVES] or sorted_audio[:N_CURVES]
-    corner_audios = audio.audio_ids[:CORNER]
-    corner_captions = [sorted(caps_of[a])[0] for a in corner_audios if a in caps_of] or sorted(cids)[:CORNER]
-
-    # blocks: captions sorted by length (little padding), cut every caption_block_size
-    order = sorted(range(m), key=lambda j: (len(tokens[j]), cids[j]))
-    bs = cfg.caption_block_size
-    blocks = [order[i : i + bs] for i in range(0, m, bs)]
-    # a run is resumable when everything that shapes a block's result is unchanged
-    fingerprint = hashlib.sha256(
-        repr(
-            (SCORER_VERSION, info, audio.audio_ids, [f.shape for f in audio.frames], cids, tokens, cfg.k, cfg.scorer.precision,
-             cfg.scorer.pairs_per_batch, bs, cfg.write_scores, probe_audios, corner_captions,
-             cfg.scorer.refine_margin if cfg.scorer.precision == "bf16-refined" else None)
-        ).encode()
-    ).hexdigest()
-    blocks_uri = storage.join(out, BLOCKS)
-    run_file = storage.join(blocks_uri, "_run.json")
-    resuming = storage.exists(run_file) and storage.read_json(run_file).get("fingerprint") == fingerprint
-    if not resuming:
-        storage.remove(blocks_uri)
-    storage.begin_output(out, TABLES + ([] if resuming else ["scores"]))
-    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
-    storage.write_json(run_file, {"fingerprint": fingerprint, "blocks": len(blocks)})
-    done = {i for i in range(len(blocks)) if storage.exists(block_path(blocks_uri, i))} if resuming else set()
-    if done:
-        log.info("score_matrix: resuming: %d of %d blocks already scored, skipped", len(done), len(blocks))
-
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    t_score = time.time()
-    # longest captions first (blocks are cut from captions sorted by length): the costliest
-    # blocks start early and the short ones fill in at the end, so actors finish together
-    pending = [i for i in reversed(range(len(blocks))) if i not in done]
-    if pending:
-        # 1. one row per block of captions
-        ds = ray.data.from_items(
-            [
-                {"block": i, "caption_id": [cids[j] for j in blocks[i]], "tokens": [np.array(tokens[j], np.int32) for j in blocks[i]]}
-                for i in pending
-            ],
-            override_num_blocks=len(pending),
-        )
-        # 2. each block x every audio on the actor pool; results land in _blocks/
-        ds = ds.map_batches(
-            ScoreActor,
-            fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "probe_audios": probe_audios, "corner_captions": corner_captions,
-                                   "fail_on_block": _fail_on_block},
-            batch_size=1,
-            batch_format="numpy",
-            # one block at a time per actor: a block is seconds to minutes of work, and a
-            # block queued behind another on a busy actor would idle a free one
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors.num_actors, max_tasks_in_flight_per_actor=1),
-            num_gpus=cfg.actors.num_gpus,
-            num_cpus=cfg.actors.num_cpus,
-        )
-        finished = {int(r["block"]) for r in ds.iter_rows()}
-        if finished != set(pending):
-            raise RuntimeError(f"blocks missing after scoring: {sorted(set(pending) - finished)[:10]}")
-    score_seconds = time.time() - t_score
-    scored = n * sum(len(blocks[i]) for i in pending)
-    # 3. reduce the block results
+def _reduce(plan: ScorePlan, run: Run) -> Reduced:
+    """Phase 4: read every block's result file (this run's and a resumed run's) and merge."""
+    k, n = plan.cfg.k, plan.n_audios
     stats_parts, t2a_parts, probe_parts, corner_parts = [], [], [], []
-    raw = _A2TMerger("a2t_raw", cfg.k, n)
-    mm = _A2TMerger("a2t_minmax", cfg.k, n)
+    raw, mm = _A2TMerger("a2t_raw", k, n), _A2TMerger("a2t_minmax", k, n)
     n_pairs, rescored, max_rel_err = 0, 0, 0.0
-    for i in range(len(blocks)):
-        fs, path = storage.get_fs(block_path(blocks_uri, i))
+    for i in range(len(plan.blocks)):
+        fs, path = storage.get_fs(block_path(run.blocks_uri, i))
         with fs.open(path, "rb") as f:
             row = pq.read_table(f).to_pylist()[0]
         stats_parts.append(_from_ipc(row["stats"]))
@@ -317,57 +446,90 @@ def run_score_matrix(cfg, _fail_on_block: int | None = None) -> dict:
         n_pairs += int(row["n_pairs"])
         rescored += int(row["rescored"])
         max_rel_err = max(max_rel_err, float(row["max_rel_err"]))
-    score_seconds = time.time() - t_score
-    if n_pairs != n * m:
-        raise RuntimeError(f"scored {n_pairs} pairs, expected {n} x {m} = {n * m}")
+    if n_pairs != n * plan.n_captions:
+        raise RuntimeError(f"scored {n_pairs} pairs, expected {n} x {plan.n_captions} = {n * plan.n_captions}")
     stats = CaptionStats.from_columns(pa.concat_tables(stats_parts))
-    result = BlockResult(stats, topk_merge(t2a_parts, cfg.k, "t2a"), raw.result(), mm.result())
+    result = BlockResult(stats, topk_merge(t2a_parts, k, "t2a"), raw.result(), mm.result())
+    return Reduced(result, pa.concat_tables(probe_parts), pa.concat_tables(corner_parts), n_pairs, rescored, max_rel_err)
 
-    # 4. tables, metrics, plots; the manifest last
-    storage.write_table(out, "caption_stats", pa.table(result.stats.columns()))
-    storage.write_table(out, "topk_t2a", pa.table(result.t2a.columns()))
-    storage.write_table(out, "topk_a2t", pa.table(result.a2t_minmax.columns()))
-    storage.write_table(out, "topk_a2t_raw", pa.table(result.a2t_raw.columns()))
-    metrics: dict = {}
-    if has_gt and cfg.k >= 10:
-        metrics = retrieval_metrics(result.t2a, result.a2t_raw, result.a2t_minmax, gt_of)
+
+# --------------------------------------------------------------------------------------
+# 5. Commit
+# --------------------------------------------------------------------------------------
+
+
+def _metrics(plan: ScorePlan, run: Run, red: Reduced, score_seconds: float) -> dict[str, Any]:
+    """metrics.json: Recall@k and mAP@10 when there is ground truth and k >= 10, then counts,
+    speed and the scorer's identity."""
+    cfg = plan.cfg
+    metrics: dict[str, Any] = {}
+    if any(g is not None for g in plan.gt_of.values()) and cfg.k >= 10:
+        r = red.result
+        metrics = retrieval_metrics(r.t2a, r.a2t_raw, r.a2t_minmax, plan.gt_of)
+    scored = plan.n_audios * sum(len(plan.blocks[i]) for i in run.pending)
     metrics.update(
         {
-            "n_audios": n,
-            "n_captions": m,
-            "n_pairs": n_pairs,
-            "captions_with_unknown_words": oov,
+            "n_audios": plan.n_audios,
+            "n_captions": plan.n_captions,
+            "n_pairs": red.n_pairs,
+            "captions_with_unknown_words": plan.oov,
             "pairs_scored_this_run": scored,
             "pairs_per_s": round(scored / max(score_seconds, 1e-9), 1),
             "score_seconds": round(score_seconds, 2),
-            "blocks": len(blocks),
-            "blocks_skipped_on_resume": len(done),
+            "blocks": len(plan.blocks),
+            "blocks_skipped_on_resume": len(run.done),
             "scorer": {"version": SCORER_VERSION, "precision": cfg.scorer.precision},
-            "checkpoint": info,
+            "checkpoint": plan.checkpoint_info,
         }
     )
     if cfg.scorer.precision == "bf16-refined":
-        metrics["scorer"]["refine"] = refine_summary(cfg.scorer.refine_margin, n_pairs, rescored, max_rel_err)
-    storage.write_json(storage.join(out, "metrics.json"), metrics)
-    plots = []
-    if cfg.plots:
-        from aacray.plots import plot_heatmap, plot_loss_curves
+        metrics["scorer"]["refine"] = refine_summary(cfg.scorer.refine_margin, red.n_pairs, red.rescored, red.max_rel_err)
+    return metrics
 
-        probe = pa.concat_tables(probe_parts)
-        plots.append(plot_loss_curves(out, probe, probe_audios, caps_of, stats))
-        corner = pa.concat_tables(corner_parts)
-        plots.append(plot_heatmap(out, corner, corner_audios, corner_captions, gt_of))
-    tables = TABLES + (["scores"] if cfg.write_scores else [])
-    storage.commit_output(out, "score_matrix", {"metrics": "metrics.json", "plots": plots, "blocks_skipped_on_resume": len(done)}, tables)
-    storage.remove(blocks_uri)
+
+def _commit(plan: ScorePlan, run: Run, red: Reduced, metrics: dict) -> None:
+    """Phase 5: the tables, metrics.json and the figures, then the manifest; `_blocks/` goes."""
+    out, r = run.output, red.result
+    out.table("caption_stats", pa.table(r.stats.columns()))
+    out.table("topk_t2a", pa.table(r.t2a.columns()))
+    out.table("topk_a2t", pa.table(r.a2t_minmax.columns()))
+    out.table("topk_a2t_raw", pa.table(r.a2t_raw.columns()))
+    out.json("metrics.json", metrics)
+    plots = []
+    if plan.cfg.plots:
+        plots.append(plot_loss_curves(out.uri, red.probe, plan.probe_audios, plan.caps_of, r.stats))
+        plots.append(plot_heatmap(out.uri, red.corner, plan.corner_audios, plan.corner_captions, plan.gt_of))
+    # the manifest lists `scores` too when the actors wrote it (not cleared on a resume)
+    tables = out.tables + (["scores"] if plan.cfg.write_scores else [])
+    dataclasses.replace(out, tables=tables).commit(
+        {"metrics": "metrics.json", "plots": plots, "blocks_skipped_on_resume": len(run.done)}
+    )
+    storage.remove(run.blocks_uri)
+
+
+# --------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------
+
+
+def run_score_matrix(cfg: ScoreConfig, _fail_on_block: int | None = None) -> dict:
+    """Score every audio x caption pair, in the five phases of the module docstring.
+    _fail_on_block: a test's fault injection (that block's actor raises), not a config key."""
+    t_start = time.time()
+    plan = plan_score_matrix(cfg)
+    run = _set_up(plan)
+    t_score = time.time()
+    _run_blocks(plan, run, _fail_on_block)
+    red = _reduce(plan, run)
+    metrics = _metrics(plan, run, red, time.time() - t_score)
+    _commit(plan, run, red, metrics)
     # Recall@10 needs ground truth and k >= 10; otherwise the output holds rankings only
-    table = format_table(metrics) if "t2a" in metrics else "(no ground truth or k < 10: rankings only)"
-    print(table, flush=True)
+    print(format_table(metrics) if "t2a" in metrics else "(no ground truth or k < 10: rankings only)", flush=True)
     return {
-        "output": out,
-        "n_audios": n,
-        "n_captions": m,
-        "n_pairs": n_pairs,
+        "output": cfg.output,
+        "n_audios": plan.n_audios,
+        "n_captions": plan.n_captions,
+        "n_pairs": red.n_pairs,
         "pairs_per_s": metrics["pairs_per_s"],
         "wall_seconds": round(time.time() - t_start, 1),
         **{k: metrics[k] for k in ("t2a", "a2t_raw", "a2t_minmax") if k in metrics},

@@ -6,16 +6,11 @@ without one, and read exactly the files the manifest lists, so stray files from 
 run are never picked up. Starting a new write first removes the old manifest, so a
 half-rewritten output is never mistaken for a complete one.
 
-Versions. An output may hold later versions of itself (written by `aacray.reindex`):
-`versions/0001/`, `versions/0002/`, ... each with its own manifest, and `_CURRENT.json` =
-{"version": n, "path": "versions/000n", "base": <digest of the root manifest>} naming the
-current one. `read_manifest` (so `table_files` and `read_table`) follows that pointer, so
-every reader sees one complete version. Version 0 is the root output itself. Manifest
-paths are relative to the output ROOT, so a version can list files of earlier versions
-(e.g. shared `scores/` shards) without copying them. A pointer is followed only while the
-root manifest it was made on is there unchanged: a job that rewrites the root
-(score_matrix again) voids older versions instead of being shadowed by them. Side files
-are found through the manifest: `join(uri, manifest["extra"]["metrics"])`.
+Versions. An output may hold later versions of itself (written by reindex), each with its
+own manifest, and a pointer `_CURRENT.json` naming the current one (aacray/versions.py).
+`read_manifest` (so `table_files` and `read_table`) follows a valid pointer, so every
+reader sees one complete version. Manifest paths are relative to the output ROOT. Side
+files are found through the manifest: `join(uri, manifest["extra"]["metrics"])`.
 
 s3:// goes through s3fs. The endpoint, keys and region come from the usual AWS variables
 (AWS_ENDPOINT_URL for MinIO / moto / other S3-compatible stores). Ray Data gets the same
@@ -250,102 +245,31 @@ def read_manifest(uri: str) -> dict:
             f"{uri} is not a complete output: {MANIFEST} is missing (the job that writes it "
             "is still running, or it crashed). Re-run that job to produce it."
         ) from None
-    pointer = _valid_pointer(uri, root)
+    from aacray import versions  # versions builds on this module: imported when needed
+
+    pointer = versions.valid_pointer(uri, root)
     if pointer is None:
         return json.loads(root.decode("utf-8"))
     try:
         return read_json(join(uri, pointer["path"], MANIFEST))
     except FileNotFoundError:
         raise IncompleteOutputError(
-            f"{uri}: {CURRENT} names version {pointer['version']} at {pointer['path']}, whose "
-            f"{MANIFEST} is missing (removed by hand?). Point {CURRENT} at a complete version "
+            f"{uri}: {versions.CURRENT} names version {pointer['version']} at {pointer['path']}, whose "
+            f"{MANIFEST} is missing (removed by hand?). Point {versions.CURRENT} at a complete version "
             "or delete it to read version 0."
         ) from None
-
-
-# --------------------------------------------------------------------------------------
-# Versions of an output (module docstring)
-# --------------------------------------------------------------------------------------
-
-CURRENT = "_CURRENT.json"
-VERSIONS = "versions"
-
-
-def version_path(n: int) -> str:
-    """Folder of version n >= 1, relative to the output root (version 0 is the root)."""
-    if n < 1:
-        raise ValueError(f"version {n}: versions >= 1 live under {VERSIONS}/, version 0 is the root")
-    return f"{VERSIONS}/{n:04d}"
-
-
-def manifest_digest(uri: str) -> str | None:
-    """Digest of the root manifest (what a version pointer is bound to); None without one."""
-    try:
-        return _digest(read_bytes(join(uri, MANIFEST)))
-    except FileNotFoundError:
-        return None
-
-
-def _digest(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _valid_pointer(uri: str, root_manifest: bytes) -> dict | None:
-    try:
-        pointer = read_json(join(uri, CURRENT))
-    except FileNotFoundError:
-        return None
-    return pointer if pointer.get("base") == _digest(root_manifest) else None
-
-
-def read_current(uri: str) -> dict | None:
-    """The version pointer of an output when valid, else None (version 0 is current).
-
-    Void when the root manifest changed since the pointer was written, and None without a
-    root manifest (IncompleteOutputError comes from `read_manifest` then)."""
-    try:
-        root = read_bytes(join(uri, MANIFEST))
-    except FileNotFoundError:
-        return None
-    return _valid_pointer(uri, root)
-
-
-def current_version(uri: str) -> int:
-    """Number of the version readers see now (0: the root output)."""
-    pointer = read_current(uri)
-    return int(pointer["version"]) if pointer else 0
-
-
-def set_current(uri: str, version: int, base: str, **extra: Any) -> dict:
-    """Make version `version` (already complete: its manifest written) the current one.
-
-    One atomic write: a temporary file and a rename locally, a single PUT on S3. `base` is
-    `manifest_digest(uri)` read when the version was started."""
-    pointer = {"version": version, "path": version_path(version), "base": base, "created_unix": time.time(), **extra}
-    if not exists(join(uri, pointer["path"], MANIFEST)):
-        raise StorageError(f"{uri}: version {version} has no {MANIFEST}; refusing to make it current")
-    write_json(join(uri, CURRENT), pointer)
-    return pointer
-
-
-def list_versions(uri: str) -> list[int]:
-    """Numbers of the version folders present under `uri/versions/` (complete or not)."""
-    fs, path = get_fs(join(uri, VERSIONS))
-    try:
-        if not fs.exists(path):
-            return []
-        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
-    except Exception as e:
-        raise _wrap(join(uri, VERSIONS), "listing", e) from e
-    return sorted(int(n) for n in names if n.isdigit())
 
 
 def table_files(uri: str, name: str, manifest: dict | None = None) -> list[str]:
     manifest = manifest or read_manifest(uri)
     if name not in manifest["tables"]:
-        raise KeyError(f"{uri} has no table {name!r}; it has {sorted(manifest['tables'])}")
+        from aacray.errors import BadInputError
+
+        raise BadInputError(
+            f"{uri} has no table {name!r}: it is a {manifest.get('job', 'unknown job')!s} output "
+            f"(its {MANIFEST} says so and lists {sorted(manifest['tables'])}); give the output of "
+            f"the job that writes {name!r}"
+        )
     return [join(uri, f) for f in manifest["tables"][name]["files"]]
 
 
@@ -355,8 +279,15 @@ def read_table(uri: str, name: str, columns: list[str] | None = None, manifest: 
     parts = []
     for f in files:
         fs, path = get_fs(f)
-        with fs.open(path, "rb") as fh:
-            parts.append(pq.read_table(fh, columns=columns))
+        try:
+            with fs.open(path, "rb") as fh:
+                parts.append(pq.read_table(fh, columns=columns))
+        except FileNotFoundError:
+            raise IncompleteOutputError(
+                f"{uri}: table {name!r} lists {f} in its {MANIFEST}, but that file is missing "
+                "(deleted or moved after the job committed): restore it, or re-run the job that "
+                "made this output"
+            ) from None
     if not parts:
         raise StorageError(f"{uri}: table {name!r} has no files")
     return pa.concat_tables(parts)

@@ -7,12 +7,23 @@
   draw one of each clip's captions per epoch, and run the paper's recipe under DDP:
   AdamW (no decay on biases), cosine decay per epoch, clip 1, label smoothing, mixup,
   SpecAugment on frame embeddings.
-- Every `checkpoint_every` epochs rank 0 reports a checkpoint (weights, optimizer,
-  scheduler, epoch, metric history, tokenizer, resolved config) to the run's storage
-  path. Re-running with the same output resumes from the latest one (Ray Train restores
-  the run's checkpoint list from storage); a worker that dies mid-run is restarted from
-  it when `max_failures` > 0.
+- Every `checkpoint_every` epochs (and after the last) rank 0 writes a checkpoint (weights,
+  optimizer, scheduler, epoch, metric history, tokenizer, resolved config) to
+  `OUTPUT/ray_train/checkpoint_epoch_NNNN/`, its `_COMPLETE.json` marker last
+  (aacray/checkpoint.py), and keeps the two newest.
+- Resume. aacray picks the checkpoint itself and never registers one with Ray Train: Ray's
+  list (`checkpoint_manager_snapshot.json`) is written by its controller a poll (2 s) after
+  the worker has written the folder, so an interrupt can leave complete folders that the
+  list does not name, or none at all, and a rerun that trusted it retrained from epoch 1
+  in silence. Instead every worker start (a rerun of the job, or a restart after a worker
+  died with `max_failures` > 0) continues from the newest complete folder on disk;
+  half-written ones are skipped with a log line. Before starting, the driver refuses a
+  checkpoint trained with another model, vocabulary or recipe (RESUME_MUST_MATCH), and
+  refuses checkpoints none of which is complete; `restart=true` removes them and trains
+  from epoch 1. What a run resumed from is logged and kept in metrics.json.
 - The output commits with its manifest last; `checkpoint/` holds the final model.
+- Tests inject faults at named points of the worker loop with AACRAY_TEST_HOOK (FaultHook);
+  no config can set it.
 """
 
 from __future__ import annotations
@@ -20,13 +31,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
+import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
+import yaml
 
 from aacray import checkpoint as ckpt_lib
 from aacray import storage
@@ -130,12 +143,13 @@ def pad_tokens(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on every parameter except biases (paper 3.3)."""
+    """AdamW; no weight decay on any 1-D parameter (biases, LayerNorm weights), as the
+    authors' code does (conette's `_custom_weight_decay`; the paper says "not on biases")."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith("bias") else decay).append(p)
+        (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
@@ -210,128 +224,410 @@ def _batch_frames(batch: pa.Table) -> tuple[list[str], list[np.ndarray]]:
 
 
 # --------------------------------------------------------------------------------------
+# One training epoch, in-process (the worker runs exactly these; the tests call them too)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """What the phases of one worker's loop share."""
+
+    cfg: TrainConfig
+    tok: WordTokenizer
+    train_tokens: dict[str, list[list[int]]]
+    val_tokens: dict[str, list[list[int]]]
+    model: CaptionDecoder
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    step: torch.nn.Module  # _TrainStep; wrapped in DDP on Ray workers
+    rank: int = 0
+    world: int = 1
+    start_epoch: int = 0
+    """Epochs the resumed checkpoint holds (0: trained from scratch)."""
+    history: list[dict] = field(default_factory=list)
+    resumes: list[dict] = field(default_factory=list)
+    """Every resume behind these weights: {"epoch", "checkpoint"}, oldest first."""
+    hook: FaultHook | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def per_worker(self) -> int:
+        return max(1, self.cfg.batch_size // self.world)
+
+
+@dataclass
+class EpochStats:
+    """One worker's sums for one epoch, before they are added across workers."""
+
+    samples: int = 0
+    loss_sum: float = 0.0
+    steps: int = 0
+    seconds: float = 0.0
+    val_loss_sum: float = 0.0
+    val_pairs: int = 0
+
+
+def new_train_state(cfg: TrainConfig, tok: WordTokenizer, train_tokens: dict, val_tokens: dict, rank: int = 0, world: int = 1) -> TrainState:
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = CaptionDecoder(cfg.model, tok.vocab_size, tok.pad_id)
+    opt = build_optimizer(model, cfg)
+    return TrainState(cfg, tok, train_tokens, val_tokens, model, opt, build_scheduler(opt, cfg), _TrainStep(model, cfg), rank, world)
+
+
+def epoch_generators(cfg: TrainConfig, epoch: int, rank: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The epoch's shuffling/caption rng and augmentation generator: fixed by (seed, epoch,
+    rank), so an epoch replayed after a resume draws what it drew the first time."""
+    rng = np.random.default_rng([cfg.seed, epoch, rank])
+    return rng, torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
+
+
+def train_step(st: TrainState, frames: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, gen: torch.Generator, epoch: int) -> float:
+    """One optimisation step: the recipe's augmented loss (SpecAugment, mixup, label
+    smoothing from st.cfg), a finite check, gradient clipping, AdamW. Returns the loss."""
+    d = st.device
+    loss = st.step(frames.to(d), mask.to(d), tokens.to(d), gen)
+    check_finite(loss, epoch + 1, st.rank)
+    optimizer_step(st.model, st.opt, loss, st.cfg.grad_clip)
+    return loss.item()
+
+
+def train_epoch(st: TrainState, rows: list[tuple[str, np.ndarray]], epoch: int) -> EpochStats:
+    """One pass over this worker's (audio_id, frames) rows in batches of st.per_worker,
+    then one scheduler step: the cosine decay is per epoch, not per batch."""
+    st.model.train()
+    rng, gen = epoch_generators(st.cfg, epoch, st.rank)
+    # dropout draws from torch's global generator: seeded per epoch too, so that a resumed
+    # run trains exactly the epochs an uninterrupted one would
+    torch.manual_seed(gen.initial_seed() + 1)
+    stats, t0 = EpochStats(), time.time()
+    order = rng.permutation(len(rows))
+    for b in range(0, len(order), st.per_worker):
+        chosen = [rows[i] for i in order[b : b + st.per_worker]]
+        caps = draw_captions([a for a, _ in chosen], st.train_tokens, rng)
+        x, mask = pad_frames([f for _, f in chosen])
+        stats.loss_sum += train_step(st, x, mask, pad_tokens(caps, st.tok.pad_id), gen, epoch)
+        stats.samples += len(chosen)
+        stats.steps += 1
+        if stats.steps == 1:
+            fire_hook(st.hook, "mid_epoch", epoch + 1)
+    stats.seconds = time.time() - t0
+    st.sched.step()
+    return stats
+
+
+def validate(st: TrainState, rows: list[tuple[str, np.ndarray]], stats: EpochStats, epoch: int) -> None:
+    """Add the per-pair loss of every caption of every validation clip to `stats`."""
+    st.model.eval()
+    d, pad = st.device, st.tok.pad_id
+    with torch.inference_mode():
+        for b in range(0, len(rows), st.per_worker):
+            rep = [(f, c) for a, f in rows[b : b + st.per_worker] for c in st.val_tokens[a]]
+            x, mask = pad_frames([f for f, _ in rep])
+            pl = pair_loss(st.model, x.to(d), mask.to(d), pad_tokens([c for _, c in rep], pad).to(d), pad)
+            stats.val_loss_sum += float(pl.sum())
+            stats.val_pairs += len(rep)
+            fire_hook(st.hook, "validation", epoch + 1)
+
+
+def epoch_metrics(st: TrainState, epoch: int, stats: EpochStats) -> dict:
+    """The epoch's row of the history, summed over workers."""
+    t = torch.tensor([stats.samples, stats.loss_sum, stats.steps, stats.val_loss_sum, stats.val_pairs], dtype=torch.float64)
+    if st.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    samples, loss_sum, steps, v_sum, v_n = t.tolist()
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / max(steps, 1),
+        "val_loss": v_sum / max(v_n, 1),
+        "lr": st.opt.param_groups[0]["lr"],
+        "samples_per_s": samples / max(stats.seconds, 1e-9),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints of a run, and where to resume
+# --------------------------------------------------------------------------------------
+
+KEEP_CHECKPOINTS = 2
+"""Checkpoints kept under ray_train/: the newest, and one to fall back on."""
+
+RESUME_MUST_MATCH = (
+    "model", "train_subsets", "val_subsets", "min_freq", "epochs", "batch_size", "lr", "betas",
+    "eps", "weight_decay", "grad_clip", "label_smoothing", "mixup_alpha", "spec_aug_stripes",
+    "spec_aug_width", "seed",
+)
+"""Config keys a resumed run must share with its checkpoint: the model, the data it was
+fitted on and the recipe (epochs sets the cosine schedule). Paths, workers, resources and
+failure handling may change between runs."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    epoch: int = 0
+    """Epochs the checkpoint holds; 0: train from epoch 1."""
+    checkpoint: str | None = None
+
+
+def newest_complete(run: str, skipped: list[tuple[str, str]] | None = None) -> tuple[int, str] | None:
+    """(epoch, folder) of the newest complete checkpoint under `run`, or None. The
+    incomplete ones newer than it are appended to `skipped` as (folder, reason)."""
+    for epoch, folder in ckpt_lib.run_checkpoints(run):
+        reason = ckpt_lib.incomplete_reason(folder)
+        if reason is None:
+            return epoch, folder
+        log.warning("skipping checkpoint %s: %s", folder, reason)
+        if skipped is not None:
+            skipped.append((folder, reason))
+    return None
+
+
+def resume_mismatch(cfg: TrainConfig, tok: WordTokenizer, folder: str) -> list[str]:
+    """What differs, in RESUME_MUST_MATCH or the vocabulary, between `cfg` and the
+    config the checkpoint in `folder` was trained with."""
+    old = yaml.safe_load(storage.read_bytes(storage.join(folder, "config.yaml")).decode("utf-8")) or {}
+    new = to_dict(cfg)
+    diffs = [f"{k}: {old.get(k)!r} in the checkpoint, {new[k]!r} now" for k in RESUME_MUST_MATCH if old.get(k) != new[k]]
+    if storage.read_bytes(storage.join(folder, "tokenizer.json")).decode("utf-8") != tok.to_str():
+        diffs.append("vocabulary: the training captions give another vocabulary than the checkpoint's")
+    return diffs
+
+
+def _restart_requested(cfg: TrainConfig) -> bool:
+    # TrainConfig.restart is being added to aacray/config.py; until then it reads as False
+    return bool(getattr(cfg, "restart", False))
+
+
+def plan_resume(cfg: TrainConfig, tok: WordTokenizer, run: str) -> ResumePoint:
+    """Where this run starts: the newest complete checkpoint under `run` (half-written
+    ones are logged and removed), or epoch 1 when there is none. Raises BadInputError when
+    checkpoints exist but none is complete, or when the newest was trained with another
+    config; with restart=true the checkpoints are removed instead."""
+    found = ckpt_lib.run_checkpoints(run)
+    if found and _restart_requested(cfg):
+        log.warning("restart=true: removing %d checkpoint(s) under %s; training from epoch 1", len(found), run)
+        for _, folder in found:
+            storage.remove(folder)
+        return ResumePoint()
+    skipped: list[tuple[str, str]] = []
+    newest = newest_complete(run, skipped)
+    if newest is None and skipped:
+        listing = "\n".join(f"  {folder}: {why}" for folder, why in skipped)
+        raise BadInputError(
+            f"{run} holds {len(skipped)} checkpoint(s) and none is complete, so nothing was trained:\n"
+            f"{listing}\nRetraining from epoch 1 would discard them: set restart=true to do that."
+        )
+    if newest is None:
+        return ResumePoint()
+    epoch, folder = newest
+    diffs = resume_mismatch(cfg, tok, folder)
+    if diffs:
+        raise BadInputError(
+            f"{folder} (epoch {epoch}) was trained with another config; resuming from it would mix "
+            "two runs:\n  " + "\n  ".join(diffs) + "\nRun with the checkpoint's values, write to "
+            f"another output, or set restart=true to remove the checkpoints under {run} and train from epoch 1."
+        )
+    for half, why in skipped:
+        log.warning("removing half-written checkpoint %s (%s)", half, why)
+        storage.remove(half)
+    return ResumePoint(epoch, folder)
+
+
+def prune_checkpoints(run: str, newest: int, keep: int = KEEP_CHECKPOINTS) -> None:
+    """Remove the folders older than the run's `keep` newest marked checkpoints up to
+    epoch `newest`. It runs after every checkpoint, so it checks markers, not digests;
+    folders past `newest` (left by a crashed attempt) are overwritten when reached."""
+    kept = 0
+    for epoch, folder in ckpt_lib.run_checkpoints(run):
+        if epoch > newest:
+            continue
+        if kept < keep and storage.exists(storage.join(folder, ckpt_lib.MARKER)):
+            kept += 1
+        else:
+            storage.remove(folder)
+
+
+# --------------------------------------------------------------------------------------
+# Fault injection for the tests
+# --------------------------------------------------------------------------------------
+
+HOOK_POINTS = ("mid_epoch", "validation", "checkpoint_write", "after_checkpoint")
+HOOK_ACTIONS = ("kill", "block", "raise")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a FaultHook with action `raise` (a fault injected by a test)."""
+
+
+@dataclass(frozen=True)
+class FaultHook:
+    """AACRAY_TEST_HOOK=POINT:EPOCH[:ACTION] with AACRAY_TEST_HOOK_FLAG=FILE: at POINT of
+    epoch EPOCH (1-based) the worker creates FILE, then SIGKILLs itself (kill, the default),
+    sleeps until the job is interrupted (block) or raises InjectedFault (raise). A hook whose FILE exists does not fire,
+    so a restarted worker passes the point. Points: mid_epoch (after the epoch's first
+    step), validation (after its first batch), checkpoint_write (model.pt written, the rest not),
+    after_checkpoint (complete, before the epoch is reported)."""
+
+    point: str
+    epoch: int
+    action: str
+    flag: str
+
+
+def fault_hook_from_env(env: dict | None = None) -> FaultHook | None:
+    env = os.environ if env is None else env
+    spec = env.get("AACRAY_TEST_HOOK")
+    if not spec:
+        return None
+    parts = spec.split(":")
+    flag = env.get("AACRAY_TEST_HOOK_FLAG")
+    if len(parts) not in (2, 3) or parts[0] not in HOOK_POINTS or not parts[1].isdigit() or not flag:
+        raise ValueError(
+            f"AACRAY_TEST_HOOK={spec!r}: expected POINT:EPOCH[:ACTION] with POINT in {HOOK_POINTS}, "
+            f"ACTION in {HOOK_ACTIONS}, and AACRAY_TEST_HOOK_FLAG naming a file; unset it outside tests"
+        )
+    action = parts[2] if len(parts) == 3 else "kill"
+    if action not in HOOK_ACTIONS:
+        raise ValueError(f"AACRAY_TEST_HOOK={spec!r}: action {action!r} is not one of {HOOK_ACTIONS}")
+    return FaultHook(parts[0], int(parts[1]), action, flag)
+
+
+def fire_hook(hook: FaultHook | None, point: str, epoch: int) -> None:
+    if hook is None or (hook.point, hook.epoch) != (point, epoch):
+        return
+    try:
+        os.close(os.open(hook.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    print(f"[aacray.train] test hook {point}:{epoch} fired: {hook.action}", flush=True)
+    if hook.action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if hook.action == "raise":
+        raise InjectedFault(f"test hook {point}:{epoch}")
+    while True:
+        time.sleep(1)
+
+
+# --------------------------------------------------------------------------------------
 # The per-worker loop
 # --------------------------------------------------------------------------------------
 
 
+class _ShardRows:
+    """This worker's (audio_id, frames) rows of a dataset shard, read once when cached."""
+
+    def __init__(self, cache: bool):
+        self.cache = cache
+        self.rows: dict[str, list] = {}
+
+    def __call__(self, name: str) -> list[tuple[str, np.ndarray]]:
+        import ray.train
+
+        if name in self.rows:
+            return self.rows[name]
+        rows = []
+        for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="pyarrow"):
+            ids, frames = _batch_frames(batch)
+            rows.extend(zip(ids, frames, strict=True))
+        if self.cache:
+            self.rows[name] = rows
+        return rows
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
+
+    st = _set_up_worker(config)
+    run_epochs(st, config, _ShardRows(st.cfg.cache_shard), ray.train.report)
+
+
+def run_epochs(st: TrainState, config: dict, rows: Callable[[str], list], report: Callable[[dict], None]) -> None:
+    """The epochs left after st.start_epoch: train, validate, log, checkpoint when due,
+    report. `rows(name)` gives this worker's (audio_id, frames) rows of "train" or "val"."""
+    for epoch in range(st.start_epoch, st.cfg.epochs):
+        stats = train_epoch(st, rows("train"), epoch)
+        validate(st, rows("val"), stats, epoch)
+        metrics = epoch_metrics(st, epoch, stats)
+        st.history.append(metrics)
+        _end_epoch(st, config, metrics)
+        report(metrics)
+
+
+def _set_up_worker(config: dict) -> TrainState:
+    import ray.train
     from ray.train.torch import prepare_model
 
     cfg = from_dict(TrainConfig, config["cfg"])
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    tok = WordTokenizer.from_str(config["tokenizer"])
-    train_tokens, val_tokens = config["train_tokens"], config["val_tokens"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tok = WordTokenizer.from_str(config["tokenizer"])
+    st = new_train_state(cfg, tok, config["train_tokens"], config["val_tokens"], ctx.get_world_rank(), ctx.get_world_size())
+    st.hook = config.get("fault_hook")
+    # on the device (and in DDP) before the optimizer state is loaded, so that state lands
+    # on the parameters' device
+    st.step = prepare_model(st.step)
+    restore(st, config["run"], config["resume_epoch"])
+    return st
 
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = CaptionDecoder(cfg.model, tok.vocab_size, tok.pad_id)
-    opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg)
-    start_epoch, history = 0, []
-    restored = ray.train.get_checkpoint()
-    if restored:
-        with restored.as_directory() as d:
-            state = ckpt_lib.load_state(d)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, history = int(state["epoch"]), list(state.get("history", []))
-        if rank == 0:
-            print(f"[aacray.train] resumed from the checkpoint of epoch {start_epoch}", flush=True)
-    step = prepare_model(_TrainStep(model, cfg))
-    device = next(model.parameters()).device
-    per_worker = max(1, cfg.batch_size // world)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
 
-    def all_sum(*xs: float) -> list[float]:
-        t = torch.tensor(xs, dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
+def restore(st: TrainState, run: str, planned: int) -> None:
+    """Continue from the newest complete checkpoint under `run`: the driver's choice on
+    the first start, a newer one after a worker restart (Ray's own list is not used)."""
+    found = [newest_complete(run) if st.rank == 0 else None]
+    if st.world > 1:
+        import torch.distributed as dist
 
-    def load_shard(shard) -> list[tuple[str, np.ndarray]]:
-        rows = []
-        for batch in shard.iter_batches(batch_size=256, batch_format="pyarrow"):
-            ids, frames = _batch_frames(batch)
-            rows.extend(zip(ids, frames, strict=True))
-        return rows
+        dist.broadcast_object_list(found, src=0)  # every rank loads the folder rank 0 chose
+    if found[0] is None:
+        if planned:
+            raise RuntimeError(f"the checkpoint of epoch {planned} that the driver chose is gone from {run}")
+        return
+    _, folder = found[0]
+    state = ckpt_lib.load_state(folder)
+    epoch = int(state["epoch"])
+    if epoch < planned or state["tokenizer_sha256"] != ckpt_lib.tokenizer_digest(st.tok):
+        raise RuntimeError(f"{folder}: not the run's checkpoint (epoch {epoch}, the driver chose {planned} or later)")
+    st.model.load_state_dict(state["model"])
+    st.opt.load_state_dict(state["optimizer"])
+    st.sched.load_state_dict(state["scheduler"])
+    st.history = list(state["history"])
+    assert [h["epoch"] for h in st.history] == list(range(1, epoch + 1)), f"{folder}: history {st.history}"
+    st.resumes = [*state.get("resumes", []), {"epoch": epoch, "checkpoint": folder}]
+    st.start_epoch = epoch
+    if st.rank == 0:
+        print(f"[aacray.train] resumed from the checkpoint of epoch {epoch}: {folder}", flush=True)
 
-    cache: dict[str, list] = {}
 
-    def rows_of(name: str, shard) -> list[tuple[str, np.ndarray]]:
-        if not cfg.cache_shard:
-            return load_shard(shard)
-        if name not in cache:
-            cache[name] = load_shard(shard)
-        return cache[name]
+def _end_epoch(st: TrainState, config: dict, metrics: dict) -> None:
+    """Log the epoch and write its checkpoint when due (rank 0)."""
+    cfg, done = st.cfg, metrics["epoch"]
+    if st.rank == 0:
+        print(
+            f"[aacray.train] epoch {done}/{cfg.epochs} train_loss {metrics['train_loss']:.3f} "
+            f"val_loss {metrics['val_loss']:.3f} {metrics['samples_per_s']:.0f} samples/s",
+            flush=True,
+        )
+        if done == cfg.epochs or done % cfg.checkpoint_every == 0:
+            _write_checkpoint(st, config, done)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        rng = np.random.default_rng([cfg.seed, epoch, rank])
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
-        rows = rows_of("train", train_shard)
-        t0, n_seen, loss_sum, n_steps = time.time(), 0, 0.0, 0
-        order = rng.permutation(len(rows))
-        for b in range(0, len(order), per_worker):
-            chosen = [rows[i] for i in order[b : b + per_worker]]
-            ids = [a for a, _ in chosen]
-            caps = draw_captions(ids, train_tokens, rng)
-            x, mask = pad_frames([f for _, f in chosen])
-            tokens = pad_tokens(caps, tok.pad_id)
-            loss = step(x.to(device), mask.to(device), tokens.to(device), gen)
-            check_finite(loss, epoch + 1, rank)
-            optimizer_step(model, opt, loss, cfg.grad_clip)
-            n_seen += len(ids)
-            loss_sum += loss.item()
-            n_steps += 1
-        train_seconds = time.time() - t0
-        sched.step()
-        # validation: mean per-pair loss over every caption of every validation clip
-        model.eval()
-        v_sum, v_n = 0.0, 0
-        vrows = rows_of("val", val_shard)
-        with torch.inference_mode():
-            for b in range(0, len(vrows), per_worker):
-                rep = [(f, c) for a, f in vrows[b : b + per_worker] for c in val_tokens[a]]
-                x, mask = pad_frames([f for f, _ in rep])
-                tokens = pad_tokens([c for _, c in rep], tok.pad_id)
-                pl = pair_loss(model, x.to(device), mask.to(device), tokens.to(device), tok.pad_id)
-                v_sum += float(pl.sum())
-                v_n += len(rep)
-        n_total, l_total, steps_total, v_sum, v_n, slowest = (*all_sum(n_seen, loss_sum, n_steps, v_sum, v_n), train_seconds)
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": l_total / max(steps_total, 1),
-            "val_loss": v_sum / max(v_n, 1),
-            "lr": opt.param_groups[0]["lr"],
-            "samples_per_s": n_total / max(slowest, 1e-9),
-        }
-        history.append(metrics)
-        if rank == 0:
-            print(
-                f"[aacray.train] epoch {epoch + 1}/{cfg.epochs} train_loss {metrics['train_loss']:.3f} "
-                f"val_loss {metrics['val_loss']:.3f} {metrics['samples_per_s']:.0f} samples/s",
-                flush=True,
-            )
-        last = epoch + 1 == cfg.epochs
-        if rank == 0 and (last or (epoch + 1) % cfg.checkpoint_every == 0):
-            with tempfile.TemporaryDirectory() as d:
-                ckpt_lib.save(
-                    d,
-                    model,
-                    tok,
-                    config["config_yaml"],
-                    epoch + 1,
-                    {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
-                )
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+
+def _write_checkpoint(st: TrainState, config: dict, done: int) -> None:
+    run = config["run"]
+    folder = storage.join(run, ckpt_lib.run_checkpoint_name(done))
+    storage.remove(folder)  # a half-written one from a crashed attempt: no stale file survives
+
+    def written(name: str) -> None:
+        if name == "model.pt":
+            fire_hook(st.hook, "checkpoint_write", done)
+
+    extra = {"optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict(), "history": st.history, "resumes": st.resumes}
+    ckpt_lib.save(folder, st.model, st.tok, config["config_yaml"], done, extra, on_file_written=written)
+    fire_hook(st.hook, "after_checkpoint", done)
+    prune_checkpoints(run, done)
 
 
 # --------------------------------------------------------------------------------------
@@ -376,16 +672,35 @@ def heldout_figures(model: CaptionDecoder, tok: WordTokenizer, val: EmbeddingSet
     return {"heldout_pairs": len(caps_m), "matched_lower_share": float((lm < lx).float().mean())}
 
 
-def run_train(cfg: TrainConfig) -> dict:
-    import ray.data
-    import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+@dataclass
+class TrainJob:
+    """The driver's state between the phases of run_train."""
 
-    from aacray.runtime import init_ray
+    cfg: TrainConfig
+    run: str  # OUTPUT/ray_train: the checkpoints
+    prep: Prepared
+    train_es: EmbeddingSet
+    val_es: EmbeddingSet
+    n_params: int
+    resume: ResumePoint = field(default_factory=ResumePoint)
+    t0: float = field(default_factory=time.time)
 
-    t0 = time.time()
-    out = cfg.output
+
+def run_train(cfg: TrainConfig, fit: Callable[[TrainJob], None] | None = None) -> dict:
+    """The job: read and check, plan the resume, fit (on Ray Train; `fit=fit_in_process`
+    runs the same loop without Ray), commit the output."""
+    job = _load_inputs(cfg)
+    job.resume = plan_resume(cfg, job.prep.tokenizer, job.run)
+    _begin_output(job)
+    if job.resume.epoch < cfg.epochs:
+        (fit or fit_on_ray)(job)
+    else:
+        log.info("all %d epochs are in %s: nothing left to train", cfg.epochs, job.resume.checkpoint)
+    return _finish(job, _last_checkpoint(job))
+
+
+def _load_inputs(cfg: TrainConfig) -> TrainJob:
+    """Read and check the inputs, build the vocabulary (nothing is written yet)."""
     captions = read_captions(cfg.embeddings)
     train_es = read_embeddings(cfg.embeddings, cfg.train_subsets)
     val_es = read_embeddings(cfg.embeddings, cfg.val_subsets)
@@ -395,31 +710,58 @@ def run_train(cfg: TrainConfig) -> dict:
         "train_decoder: %d train clips (%d captions), %d val clips, vocabulary %d words",
         len(prep.train_tokens), n_pairs, len(prep.val_tokens), prep.tokenizer.vocab_size,
     )
-    model_probe = CaptionDecoder(cfg.model, prep.tokenizer.vocab_size, prep.tokenizer.pad_id)
-    n_params = model_probe.num_trainable_parameters()
+    n_params = CaptionDecoder(cfg.model, prep.tokenizer.vocab_size, prep.tokenizer.pad_id).num_trainable_parameters()
     print(f"[aacray.train] decoder: {n_params / 1e6:.2f}M trainable parameters", flush=True)
+    # workers may run in another directory: give them the run folder as an absolute path
+    out = cfg.output if storage.is_remote(cfg.output) else os.path.abspath(cfg.output)
+    return TrainJob(cfg, storage.join(out, "ray_train"), prep, train_es, val_es, n_params)
 
+
+def _begin_output(job: TrainJob) -> None:
+    out, r = job.cfg.output, job.resume
     storage.remove(storage.join(out, storage.MANIFEST))
-    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
-    storage.write_json(storage.join(out, "quarantine.json"), prep.quarantine)
+    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(job.cfg))
+    storage.write_json(storage.join(out, "quarantine.json"), job.prep.quarantine)
+    if r.checkpoint:
+        log.info("resuming from the checkpoint of epoch %d: %s", r.epoch, r.checkpoint)
+    else:
+        log.info("training from epoch 1 (no checkpoint under %s)", job.run)
 
+
+def _loop_config(job: TrainJob) -> dict:
+    """What every worker gets (train_loop_config): plain, picklable values."""
+    cfg, prep = job.cfg, job.prep
+    return {
+        "cfg": to_dict(cfg),
+        "config_yaml": dump_yaml(cfg),
+        "tokenizer": prep.tokenizer.to_str(),
+        "train_tokens": prep.train_tokens,
+        "val_tokens": prep.val_tokens,
+        "run": job.run,
+        "resume_epoch": job.resume.epoch,
+        "fault_hook": fault_hook_from_env(),
+    }
+
+
+def fit_on_ray(job: TrainJob) -> None:
+    """Ray Train (TorchTrainer, DDP) over the embedding Parquet, from the resume point."""
+    import ray.data
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from aacray.runtime import init_ray
+
+    cfg = job.cfg
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     # per-epoch progress is printed by rank 0; Ray Data's own bars would repeat every epoch
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {
-        "train": _embedding_dataset(cfg.embeddings, list(prep.train_tokens)),
-        "val": _embedding_dataset(cfg.embeddings, list(prep.val_tokens)),
-    }
-    fs, run_root = storage.arrow_fs(out)
-    trainer = TorchTrainer(
+    # Ray's checkpoint list (module docstring) is not used, and one left by an older aacray
+    # may name folders that are gone, which Ray refuses at start
+    storage.remove(storage.join(job.run, "checkpoint_manager_snapshot.json"))
+    fs, out_root = storage.arrow_fs(cfg.output)
+    TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "config_yaml": dump_yaml(cfg),
-            "tokenizer": prep.tokenizer.to_str(),
-            "train_tokens": prep.train_tokens,
-            "val_tokens": prep.val_tokens,
-        },
+        train_loop_config=_loop_config(job),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -427,33 +769,66 @@ def run_train(cfg: TrainConfig) -> dict:
         ),
         run_config=RunConfig(
             name="ray_train",
-            storage_path=run_root,
+            storage_path=out_root,
             storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
-        datasets=datasets,
+        datasets={
+            "train": _embedding_dataset(cfg.embeddings, list(job.prep.train_tokens)),
+            "val": _embedding_dataset(cfg.embeddings, list(job.prep.val_tokens)),
+        },
         dataset_config=DataConfig(datasets_to_split=["train", "val"]),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint ({result.error})")
-    # copy the final checkpoint beside the manifest
+    ).fit()
+
+
+def fit_in_process(job: TrainJob) -> None:
+    """The fit without Ray: one worker (rank 0 of 1) in this process, on the embeddings
+    the driver read, through the same loop, checkpoints and fault hooks as a Ray worker;
+    for tests and debugging. Rows come in the Parquet order a Ray shard has."""
+    config = _loop_config(job)
+    st = new_train_state(job.cfg, job.prep.tokenizer, job.prep.train_tokens, job.prep.val_tokens)
+    st.hook = config["fault_hook"]
+    restore(st, job.run, job.resume.epoch)
+    rows = {
+        "train": [(a, f) for a, f in zip(job.train_es.audio_ids, job.train_es.frames, strict=True) if a in st.train_tokens],
+        "val": [(a, f) for a, f in zip(job.val_es.audio_ids, job.val_es.frames, strict=True) if a in st.val_tokens],
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(job.cfg.cpus_per_worker)))  # as on a worker: same sums
+    try:
+        run_epochs(st, config, rows.__getitem__, lambda metrics: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _last_checkpoint(job: TrainJob) -> str:
+    newest = newest_complete(job.run)
+    if newest is None or newest[0] != job.cfg.epochs:
+        raise RuntimeError(
+            f"training ended without a complete checkpoint of epoch {job.cfg.epochs} under {job.run} "
+            f"(the newest complete one: {newest})"
+        )
+    return newest[1]
+
+
+def _finish(job: TrainJob, final_ckpt: str) -> dict:
+    """Copy the final checkpoint beside the manifest, write metrics.json, commit."""
+    cfg, out = job.cfg, job.cfg.output
     final = storage.join(out, "checkpoint")
-    with result.checkpoint.as_directory() as d:
-        for name in os.listdir(d):
-            with open(os.path.join(d, name), "rb") as f:
-                storage.write_bytes(storage.join(final, name), f.read())
-    model, tok, info = ckpt_lib.load(final)
+    storage.remove(final)
+    ckpt_lib.copy(final_ckpt, final)
+    model, tok, _ = ckpt_lib.load(final)
     state = ckpt_lib.load_state(final)
-    history = state.get("history", [])
-    figs = heldout_figures(model, tok, val_es, prep.val_tokens, cfg.seed)
+    history = state["history"]
+    figs = heldout_figures(model, tok, job.val_es, job.prep.val_tokens, cfg.seed)
     first, last = history[0]["val_loss"], history[-1]["val_loss"]
+    r = job.resume
     summary = {
         "output": out,
-        "trainable_parameters": n_params,
+        "trainable_parameters": job.n_params,
         "vocab_size": tok.vocab_size,
         "epochs": len(history),
+        "resumed_from": {"epoch": r.epoch, "checkpoint": r.checkpoint} if r.checkpoint else None,
         "val_loss_first": round(first, 4),
         "val_loss_last": round(last, 4),
         "val_loss_drop": round(1 - last / first, 4),
@@ -461,10 +836,11 @@ def run_train(cfg: TrainConfig) -> dict:
         "matched_lower_share": round(figs["matched_lower_share"], 4),
         "train_samples_per_s": round(float(np.median([h["samples_per_s"] for h in history])), 1),
         "num_workers": cfg.num_workers,
-        "quarantined": len(prep.quarantine),
-        "wall_seconds": round(time.time() - t0, 1),
+        "quarantined": len(job.prep.quarantine),
+        "wall_seconds": round(time.time() - job.t0, 1),
     }
-    storage.write_json(storage.join(out, "metrics.json"), {"summary": summary, "history": history})
+    resumes = state.get("resumes", [])
+    storage.write_json(storage.join(out, "metrics.json"), {"summary": summary, "history": history, "resumes": resumes})
     storage.commit_output(out, "train_decoder", {"checkpoint": "checkpoint", **summary})
     print(
         f"[aacray.train] val loss {first:.3f} -> {last:.3f} ({summary['val_loss_drop']:.0%} lower); "

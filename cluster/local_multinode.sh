@@ -127,13 +127,41 @@ log "starting a worker node joining $GCS_ADDRESS"
     || { cat "$WORK/worker.log" >&2; exit 1; }
 "$RAY" status --address="$GCS_ADDRESS" >&2
 
-# 4. Token auth is on: a request without the token is refused (401).
+# 4. Token auth is on: the job API answers a request without the token with HTTP 401, one
+#    with a wrong token with 403, and the right one with 200. Status codes, not a CLI's
+#    exit status (that fails for any reason: a head not up yet, a wrong port).
 export RAY_API_SERVER_ADDRESS="http://127.0.0.1:$DASH_PORT"
-if env -u RAY_AUTH_MODE -u RAY_AUTH_TOKEN_PATH "$RAY" job list >/dev/null 2>&1; then
-    log "ERROR: the job server accepted a request without the token"
-    exit 1
-fi
-log "a request without the token was refused, as it should be"
+"$PY" - "$RAY_API_SERVER_ADDRESS/api/jobs/" "$WORK/auth_token" <<'EOF' || exit 1
+import sys, time, urllib.error, urllib.request
+
+url, token = sys.argv[1], open(sys.argv[2]).read().strip()
+
+
+def status(headers: dict) -> int:
+    deadline = time.time() + 60  # the dashboard may still be starting: retry connecting only
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except (urllib.error.URLError, ConnectionError):
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+got = {
+    "no token": status({}),
+    "a wrong token": status({"Authorization": "Bearer " + "0" * 64}),
+    "the token": status({"Authorization": f"Bearer {token}"}),
+}
+print(f"[local_multinode] job API {url}: " + ", ".join(f"{k} -> HTTP {v}" for k, v in got.items()), file=sys.stderr)
+if got != {"no token": 401, "a wrong token": 403, "the token": 200}:
+    print("[local_multinode] ERROR: token authentication is not enforced as expected", file=sys.stderr)
+    sys.exit(1)
+EOF
+log "a request without the token was refused (401), one with a wrong token too (403)"
 
 # 5. Submit. The submitter needs RAY_AUTH_MODE=token plus the token, from RAY_AUTH_TOKEN,
 #    from the file RAY_AUTH_TOKEN_PATH names, or from ~/.ray/auth_token (in that order);

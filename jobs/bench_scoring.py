@@ -5,6 +5,8 @@ CPU (paper-size model, random weights):   python jobs/bench_scoring.py
 + in-process scorer vs Ray score_matrix:  python jobs/bench_scoring.py --only ray \
       --ray-set 'audio_subsets=[development,validation,evaluation]'   (420 x 400 demo pairs)
 + kept/discarded variants of the scorer:  python jobs/bench_scoring.py --ablations
+  (built from public arguments only: PairScorer's cpu_rows, pack_weights, fused_attention,
+  and `pair_loss_memory` for the module-per-caption path the scorer replaced)
 GPU, Clotho evaluation size (target: 5.5M pairs in <= 10 s on an H200):
   python jobs/bench_scoring.py --device cuda --precision bf16 --audios 1045 --captions 5225 --rounds 1
 
@@ -34,12 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss
-from aacray.scorer import FastDecoder, PairScorer, _Linear, pair_flops
+from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss, pair_loss_memory
+from aacray.scorer import PairScorer, pair_flops
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -117,7 +120,12 @@ def run_rows(args, device) -> None:
     n_naive = min(args.naive_pairs, N * M) if args.naive_pairs > 0 else 0
     naive_pairs = all_pairs[rng.permutation(N * M)[:n_naive]]
 
-    rates = {"fp32": matmul_rate(device, torch.float32), "bf16": matmul_rate(device, torch.bfloat16)}
+    # bf16's rate only when a row runs in bf16: a CPU without bf16 support (no avx512_bf16 or
+    # AMX) takes minutes a 2048^3 bf16 matmul
+    use_bf16 = args.precision == "bf16" or args.ablations
+    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if use_bf16 else {})}
+    rates = {k: matmul_rate(device, dt) for k, dt in dtypes.items()}
+    rates.setdefault("bf16", float("nan"))
     words = np.array([len(t) - 2 for t in tokens])
     print(
         f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, load avg "
@@ -145,7 +153,7 @@ def run_rows(args, device) -> None:
     if args.precision == "bf16" and args.refine_share > 0:
         # (d): what precision bf16-refined costs: a bf16 scorer over every pair, then an fp32
         # scorer (built too, as an actor builds both) re-scoring refine_share of each caption's
-        # audios with loss_at. On random weights the refinement windows mean nothing, so the
+        # audios with loss_pairs. On random weights the refinement windows mean nothing, so the
         # share is set (--refine-share; measured on trained-model matrices, docs/benchmarks.md)
         # and the pairs drawn at random: the cost does not depend on which pairs they are.
         n_re = max(1, round(args.refine_share * N))
@@ -155,7 +163,7 @@ def run_rows(args, device) -> None:
         def refined():
             L = PairScorer(model, PAD, frames, device, "bf16", args.pairs_per_batch).loss_matrix(tokens)
             exact = PairScorer(model, PAD, frames, device, "fp32", args.pairs_per_batch)
-            L[re_rows, re_cols] = exact.loss_at(tokens, re_rows, re_cols)
+            L[re_rows, re_cols] = exact.loss_pairs(re_rows, tokens, re_cols)
             return L
 
         rows[f"(d) bf16-refined, {n_re * M / (N * M):.1%} re-scored"] = dict(
@@ -168,8 +176,8 @@ def run_rows(args, device) -> None:
     round_rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
     outputs: dict[str, np.ndarray] = {}
     for r in range(args.rounds):
-        for prec, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            round_rates[prec].append(matmul_rate(device, dt, reps=3))
+        for prec in ("fp32", "bf16"):
+            round_rates[prec].append(matmul_rate(device, dtypes[prec], reps=3) if prec in dtypes else float("nan"))
         for name, row in rows.items():
             sync(device)
             t = time.perf_counter()
@@ -212,56 +220,54 @@ def run_rows(args, device) -> None:
     print(f"(medians over {args.rounds} rounds; x (a) and the shares are medians of per-round ratios, the matmul rate measured in each round)")
 
 
+def module_losses(model, frames, tokens, batch: int, device, bf16: bool = False) -> np.ndarray:
+    """The scorer before FastDecoder, for the ablation rows: every audio projected once
+    (`model.encode`), then per caption the whole nn.TransformerDecoder (`pair_loss_memory`)
+    against chunks of `batch` audios; bf16 through autocast when asked (the only autocast
+    left in the project: the scorer itself runs bf16 on bf16 weight copies)."""
+    out = np.empty((len(frames), len(tokens)), np.float32)
+    with torch.inference_mode():
+        memory = model.encode(torch.from_numpy(np.stack(frames)).to(device))  # equal lengths here
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            for j, t in enumerate(tokens):
+                tok = torch.tensor(t, dtype=torch.long, device=device)[None]
+                for a0 in range(0, len(frames), batch):
+                    a1 = min(a0 + batch, len(frames))
+                    losses = pair_loss_memory(model, memory[a0:a1], None, tok.expand(a1 - a0, -1), PAD)
+                    out[a0:a1, j] = losses.float().cpu().numpy()
+    return out
+
+
 def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, useful_all, executed_all, device):
-    """Variants of the scorer, for the kept/discarded table of docs/benchmarks.md."""
+    """Variants of the scorer, for the kept/discarded table of docs/benchmarks.md; each is
+    PairScorer with public arguments. The bf16-classifier row of earlier runs is gone (it
+    needed the scorer's internals, and the variant was discarded)."""
     N, M = args.audios, args.captions
 
-    def scorer(precision, setup=None, module=False):
-        def run():
-            sc = PairScorer(model, PAD, frames, device, precision, args.pairs_per_batch)
-            if setup:
-                setup(sc)
-            return sc._module_loss_matrix(tokens) if module else sc.loss_matrix(tokens)
-        return run
+    def scorer(precision, pairs_per_batch=None, **kw):
+        ppb = pairs_per_batch or args.pairs_per_batch
+        return lambda: PairScorer(model, PAD, frames, device, precision, ppb, **kw).loss_matrix(tokens)
 
-    def unpacked(sc):  # F.linear instead of oneDNN with pre-packed weights
-        sc.fast = FastDecoder(sc.model, sc.fast.dtype, pack_rows=None)
-
-    def sdpa(sc):  # F.scaled_dot_product_attention instead of written-out attention
-        sc.fast.fused_attention = True
-
-    def bf16_classifier(sc):  # the classifier in bf16 too (its logits rounded to 8 bits)
-        c = sc.model.classifier
-        sc.fast.classifier = _Linear(c.weight, c.bias, torch.bfloat16, sc.max_rows)
-
-    def rows_per_forward(n):
-        def f(sc):
-            sc.max_rows = n
-            sc._chunk_cache = {}
-        return f
-
-    def one_forward(sc):  # the whole index in one forward per caption
-        sc.max_rows = None
-        sc.pairs_per_batch = sc.n_audios
-        sc._chunk_cache = {}
+    def module(bf16):
+        return lambda: module_losses(model, frames, tokens, args.pairs_per_batch, device, bf16)
 
     fp32 = dict(pairs=N * M, useful=useful_all, executed=executed_all, rate="fp32")
     bf16 = dict(fp32, rate="bf16")
-    rows["previous PairScorer fp32 (module, per caption)"] = dict(fn=scorer("fp32", module=True), **fp32)
-    rows["previous PairScorer bf16 autocast"] = dict(fn=scorer("bf16", module=True), **bf16)
+    rows["previous PairScorer fp32 (module, per caption)"] = dict(fn=module(False), **fp32)
+    rows["previous PairScorer bf16 autocast"] = dict(fn=module(True), **bf16)
     if len(naive_pairs):
         def naive_bf16():
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return naive_losses(model, frames, tokens, naive_pairs, args.naive_batch, device)
         rows["naive bf16 autocast"] = dict(fn=naive_bf16, pairs=len(naive_pairs), useful=useful_naive, executed=None, rate="bf16")
     if device.type == "cpu":
-        rows["fast fp32, F.linear (no oneDNN packing)"] = dict(fn=scorer("fp32", unpacked), **fp32)
-        rows["fast bf16, F.linear (no oneDNN packing)"] = dict(fn=scorer("bf16", unpacked), **bf16)
-        rows["fast bf16, bf16 classifier"] = dict(fn=scorer("bf16", bf16_classifier), **bf16)
-        rows["fast fp32, SDPA attention"] = dict(fn=scorer("fp32", sdpa), **fp32)
+        rows["fast fp32, F.linear (no oneDNN packing)"] = dict(fn=scorer("fp32", pack_weights=False), **fp32)
+        rows["fast bf16, F.linear (no oneDNN packing)"] = dict(fn=scorer("bf16", pack_weights=False), **bf16)
+        rows["fast fp32, SDPA attention"] = dict(fn=scorer("fp32", fused_attention=True), **fp32)
         for n in (256, 3072):
-            rows[f"fast fp32, {n} rows per forward"] = dict(fn=scorer("fp32", rows_per_forward(n)), **fp32)
-        rows["fast fp32, whole index per forward"] = dict(fn=scorer("fp32", one_forward), **fp32)
+            rows[f"fast fp32, {n} rows per forward"] = dict(fn=scorer("fp32", cpu_rows=n), **fp32)
+        # the whole index in one forward per caption
+        rows["fast fp32, whole index per forward"] = dict(fn=scorer("fp32", N, cpu_rows=None), **fp32)
 
 
 # --- top-10 rankings on the demo ------------------------------------------------------------

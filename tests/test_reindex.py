@@ -11,11 +11,10 @@ captions score_matrix's output on 36 x 180.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
-import socket
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -23,10 +22,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from aacray import reindex, storage
+from aacray import lock, reindex, stage, storage, versions
 from aacray.config import ReindexConfig, ScoreConfig, from_dict, load_config
 from aacray.embeddings import CAPTION_SCHEMA, EMB_DIM, embedding_table, read_captions
+from aacray.errors import BadInputError
+from aacray.index import VERSION_TABLES, compare_outputs, load_score_matrix
 from aacray.retrieval import rank_a2t_minmax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HELD = 3  # captions held out of index A (2% of 150)
 WORDS = {
@@ -144,8 +147,16 @@ def _csv(tmp_path, rows, name="new.csv") -> str:
     return str(f)
 
 
+def _job(name: str):
+    """A script of jobs/ as a module (its `main` and helpers), without running it."""
+    spec = importlib.util.spec_from_file_location(f"jobs_{name}", os.path.join(ROOT, "jobs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _same_tables(a: str, b: str) -> dict:
-    cmp = reindex.compare_outputs(a, b)
+    cmp = compare_outputs(a, b)
     print(f"\nreindex vs full recompute: {cmp}")
     return cmp
 
@@ -178,7 +189,7 @@ def test_version_zero_untouched(index_a):
     t = storage.read_table(index_a["v0"], "caption_stats")
     assert t.num_rows == 150 - HELD
     assert storage.read_table(index_a["out"], "caption_stats").num_rows == 150
-    assert storage.current_version(index_a["out"]) == 1 and storage.current_version(index_a["v0"]) == 0
+    assert versions.current_version(index_a["out"]) == 1 and versions.current_version(index_a["v0"]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +224,85 @@ def test_add_audios_and_captions_equals_full_recompute(index_b):
 
 def test_minmax_lists_recomputed_from_scores(index_b):
     """The min-max lists of version 2 are the dense reference ranking of its own scores."""
-    L, aids, cids = reindex.load_score_matrix(index_b["out"])
+    L, aids, cids = load_score_matrix(index_b["out"])
     assert L.shape == (36, 180)
     ref = rank_a2t_minmax(L.astype(np.float64), aids, cids, 10).lists()
     mm = storage.read_table(index_b["out"], "topk_a2t").to_pandas()
     assert {a: g.sort_values("rank")["caption_id"].tolist() for a, g in mm.groupby("audio_id")} == ref
+
+
+def _edit_table(out: str, name: str, edit) -> None:
+    """Apply `edit(df)` to the first file the current version lists for table `name`."""
+    path = os.path.join(out, storage.read_manifest(out)["tables"][name]["files"][0])
+    schema = pq.read_schema(path)
+    df = pq.read_table(path).to_pandas()
+    edit(df)
+    pq.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), path)
+
+
+def _swap_first_two(cand: str):
+    def edit(df):
+        df.loc[[0, 1], cand] = df.loc[[1, 0], cand].to_numpy()  # ranks 1 and 2 of the first list
+    return edit
+
+
+def _next_float(col: str):
+    def edit(df):  # one float32 step up: within compare_outputs' atol for losses below 8
+        df.loc[0, col] = np.nextafter(df[col].to_numpy()[0], np.float32(np.inf))
+    return edit
+
+
+def _bump(col: str, by: float):
+    def edit(df):
+        df.loc[0, col] += by
+    return edit
+
+
+@pytest.mark.parametrize("table,edit,verdict", [
+    ("scores", _bump("loss", 1e-3), "differs"),
+    ("scores", _next_float("loss"), "allclose"),  # last-bit noise is not a difference
+    ("caption_stats", _bump("loss_max", 1e-3), "differs"),
+    ("caption_stats", _bump("n_audios", 1), "differs"),
+    ("topk_t2a", _swap_first_two("audio_id"), "differs"),
+    ("topk_a2t_raw", _swap_first_two("caption_id"), "differs"),
+    ("topk_a2t", _bump("score", 1e-3), "differs"),
+])
+def test_compare_outputs_reports_each_difference(index_a, tmp_path, table, edit, verdict):
+    """The equality check the exactness tests rely on can answer "differs", table by table."""
+    out = _copy(index_a["out"], tmp_path)
+    assert compare_outputs(index_a["out"], out) == {name: "identical" for name in (*VERSION_TABLES, "scores")}
+    _edit_table(out, table, edit)
+    cmp = compare_outputs(index_a["out"], out)
+    assert cmp == {name: (verdict if name == table else "identical") for name in (*VERSION_TABLES, "scores")}
+
+
+def test_reindex_on_s3_equals_local(index_a, pipeline, s3_bucket):
+    """score_matrix writes index A to S3 and reindex adds the held-out captions there (lock,
+    shared shards, version pointer on S3): the tables equal the same update on local disk."""
+    out = _score(pipeline, s3_bucket + "/index_a", pipeline["base_caps"])
+    res = _reindex(out, new_captions=pipeline["new_caps"], inline_max_pairs=10**6)
+    assert res["status"] == "committed" and res["version"] == 1 and res["pairs_scored"] == 30 * HELD
+    assert versions.current_version(out) == 1
+    cmp = _same_tables(out, index_a["out"])
+    assert cmp == {name: "identical" for name in cmp}
+    assert _reindex(out, new_captions=pipeline["new_caps"])["status"] == "unchanged"
+    assert not storage.exists(storage.join(out, lock.LOCK))
+
+
+def test_memory_guard_refuses_before_any_actor(small, tmp_path, monkeypatch):
+    """An actor that cannot hold the audio index is refused in the driver, before any pool
+    starts and before anything is written."""
+    out = _copy(small, tmp_path)
+
+    def no_pool(*a, **k):
+        raise AssertionError("an actor pool was started")
+
+    monkeypatch.setattr(stage, "map_actors", no_pool)
+    with pytest.raises(BadInputError, match=r"reindex: one actor needs .*embeddings.*kv_cache.* \(actors.memory_gb\)\. Ways out"):
+        _reindex(out, new_captions=_csv(tmp_path, [("s5", "a bell rings")]),
+                 actors={"num_actors": 1, "num_cpus": 1, "memory_gb": 0.001})
+    assert not os.path.exists(os.path.join(out, "versions")) and not os.path.exists(os.path.join(out, "captions_added"))
+    assert not os.path.exists(os.path.join(out, lock.LOCK)) and versions.current_version(out) == 0
 
 
 # ----------------------------------------------------------------------------- idempotence
@@ -228,7 +313,7 @@ def test_rerun_changes_nothing(index_a, pipeline):
     res = _reindex(index_a["out"], new_captions=pipeline["new_caps"])
     assert res["status"] == "unchanged" and res["version"] == 1 and "applied" in res["reason"]
     assert sorted(os.listdir(os.path.join(index_a["out"], "versions"))) == before
-    assert not os.path.exists(os.path.join(index_a["out"], reindex.LOCK))
+    assert not os.path.exists(os.path.join(index_a["out"], lock.LOCK))
 
 
 def test_known_ids_are_skipped(index_a, pipeline, tmp_path):
@@ -238,9 +323,9 @@ def test_known_ids_are_skipped(index_a, pipeline, tmp_path):
     out = _copy(index_a["out"], tmp_path)
     res = _reindex(out, new_captions=f)
     assert res["status"] == "unchanged" and res["skipped_captions"] == HELD and res["reason"] == "nothing new"
-    assert storage.current_version(out) == 1
+    assert versions.current_version(out) == 1
     bad = _csv(tmp_path, [(caps["caption_id"][0], "a totally different caption")], "bad.csv")
-    with pytest.raises(reindex.ReindexError, match="another text"):
+    with pytest.raises(BadInputError, match="another text"):
         _reindex(out, new_captions=bad)
 
 
@@ -251,7 +336,7 @@ def test_submission_id(tmp_path, capsys):
     cfg = load_config(ReindexConfig, [str(cfg_file)])
     sid = reindex.submission_id(cfg)
     assert sid.startswith("reindex-") and len(sid) == len("reindex-") + 16
-    assert reindex.main(["--submission-id", str(cfg_file)]) == 0
+    assert _job("reindex").main(["--submission-id", str(cfg_file)]) == 0
     assert capsys.readouterr().out.strip() == sid
     assert reindex.submission_id(load_config(ReindexConfig, [str(cfg_file), f"output={tmp_path}/other"])) != sid
     _csv(tmp_path, [("x1", "a dog barks"), ("x2", "rain falls")])  # same file, new content
@@ -270,9 +355,9 @@ def test_demo_config_loads():
 
 def test_adding_audio_needs_scores(small, pipeline, tmp_path):
     out = _copy(small, tmp_path)
-    with pytest.raises(reindex.ReindexError, match="no scores table.*write_scores: true"):
+    with pytest.raises(BadInputError, match="no scores table.*write_scores: true"):
         _reindex(out, new_audio=pipeline["extract"], new_audio_subsets=["validation"])
-    assert not os.path.exists(os.path.join(out, "versions")) and not os.path.exists(os.path.join(out, reindex.LOCK))
+    assert not os.path.exists(os.path.join(out, "versions")) and not os.path.exists(os.path.join(out, lock.LOCK))
     # captions alone need no scores; the new version then has none either
     res = _reindex(out, new_captions=_csv(tmp_path, [("s5", "a bell rings")]), inline_max_pairs=10**6)
     assert res["status"] == "committed" and res["pairs_scored"] == 30
@@ -289,11 +374,11 @@ def test_bf16_refined_index(index_a, pipeline, tmp_path):
     text = open(cfg_file).read()
     assert "precision: fp32" in text
     open(cfg_file, "w").write(text.replace("precision: fp32", "precision: bf16-refined"))
-    with pytest.raises(reindex.ReindexError, match="bf16-refined.*Add captions alone"):
+    with pytest.raises(BadInputError, match="bf16-refined.*Add captions alone"):
         _reindex(out, new_audio=pipeline["extract"], new_audio_subsets=["validation"])
     res = _reindex(out, new_captions=pipeline["new_caps"])
     assert res["status"] == "committed"
-    cmp = reindex.compare_outputs(index_a["out"], out)
+    cmp = compare_outputs(index_a["out"], out)
     print(f"\nbf16-refined reindex vs fp32 reindex: {cmp}")
     for name in ("caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw"):
         assert cmp[name] in ("identical", "allclose"), (name, cmp)
@@ -322,15 +407,15 @@ def test_interrupted_run_leaves_previous_version(small, tmp_path, monkeypatch):
     def crash(*a, **k):
         raise KeyboardInterrupt("killed between the version's manifest and the pointer")
 
-    monkeypatch.setattr(storage, "set_current", crash)
+    monkeypatch.setattr(versions, "set_current", crash)
     with pytest.raises(KeyboardInterrupt):
         _reindex(out, new_captions=new, inline_max_pairs=10**6)
     monkeypatch.undo()
     # the finished-but-unpublished version is invisible; readers see version 0 as before
     assert os.path.exists(os.path.join(out, "versions/0001/_MANIFEST.json"))
-    assert storage.current_version(out) == 0
+    assert versions.current_version(out) == 0
     assert storage.read_table(out, "topk_a2t").to_pandas().equals(before)
-    assert not os.path.exists(os.path.join(out, reindex.LOCK))
+    assert not os.path.exists(os.path.join(out, lock.LOCK))
     res = _reindex(out, new_captions=new, inline_max_pairs=10**6)
     assert res["status"] == "committed" and res["version"] == 1
     assert storage.read_table(out, "caption_stats").num_rows == 149
@@ -343,7 +428,7 @@ def test_rewritten_root_voids_old_versions(small, pipeline, tmp_path):
     db = tmp_path / "two.csv"
     db.write_text("caption_id,text\nt1,a dog barks\nt2,birds chirp\n")
     _score(pipeline, out, str(db), write_scores=False)  # score_matrix again on the same folder
-    assert storage.current_version(out) == 0
+    assert versions.current_version(out) == 0
     assert sorted(storage.read_table(out, "caption_stats").column("caption_id").to_pylist()) == ["t1", "t2"]
     res = _reindex(out, new_captions=_csv(tmp_path, [("t3", "rain falls")], "t3.csv"), inline_max_pairs=10**6)
     assert res["version"] == 1 and res["parent_version"] == 0  # the voided version 1 is replaced
@@ -357,7 +442,7 @@ def test_retention_keeps_what_current_lists(small, tmp_path):
     for i in range(3):
         _reindex(out, new_captions=_csv(tmp_path, [(f"r{i}", "a dog barks loudly")], f"r{i}.csv"),
                  keep_versions=1, inline_max_pairs=10**6)
-    assert storage.list_versions(out) == [3]
+    assert versions.list_versions(out) == [3]
     added = storage.read_table(out, "captions_added").column("caption_id").to_pylist()
     assert added == ["r0", "r1", "r2"]  # rows added by versions 1 and 2 outlive their folders
     assert storage.read_table(out, "caption_stats").num_rows == 150
@@ -368,67 +453,12 @@ def test_retention_keeps_what_current_lists(small, tmp_path):
 
 def test_concurrent_run_refused(small, tmp_path):
     out = _copy(small, tmp_path)
-    held = reindex.Lock(out, "other-run")
+    held = lock.Lock(out, "other-run")
     with held:
-        with pytest.raises(reindex.LockError, match=f"pid {os.getpid()}.*other-run"):
+        with pytest.raises(lock.LockError, match=f"pid {os.getpid()}.*other-run"):
             _reindex(out, new_captions=_csv(tmp_path, [("s5", "a bell rings")]))
-        assert storage.current_version(out) == 0
-    assert not os.path.exists(os.path.join(out, reindex.LOCK))
-
-
-def test_stale_locks_are_broken(tmp_path):
-    uri = str(tmp_path / "o")
-    os.makedirs(uri)
-    lock = os.path.join(uri, reindex.LOCK)
-    # a dead pid on this host
-    dead = {"host": socket.gethostname(), "pid": 2**22 + 12345, "created_unix": time.time(), "token": "t"}
-    with open(lock, "w") as f:
-        json.dump(dead, f)
-    with reindex.Lock(uri, "r1"):
-        assert storage.read_json(lock)["run_key"] == "r1"
-    # another host: refused while young, broken once older than stale_s
-    with open(lock, "w") as f:
-        json.dump({**dead, "host": "elsewhere", "created_unix": time.time() - 100}, f)
-    with pytest.raises(reindex.LockError, match="another reindex"):
-        with reindex.Lock(uri, "r2", stale_s=1000):
-            pass
-    with reindex.Lock(uri, "r3", stale_s=10):
-        assert storage.read_json(lock)["run_key"] == "r3"
-    assert not os.path.exists(lock)
-
-
-def test_lock_on_s3(s3_bucket):
-    out = s3_bucket + "/index"
-    with reindex.Lock(out, "a"):
-        with pytest.raises(reindex.LockError, match="another reindex"):
-            with reindex.Lock(out, "b"):
-                pass
-    assert not storage.exists(storage.join(out, reindex.LOCK))
-    with reindex.Lock(out, "c"):
-        assert storage.read_json(storage.join(out, reindex.LOCK))["run_key"] == "c"
-
-
-# ----------------------------------------------------------------------------- versions in storage
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_version_pointer(where, tmp_path, request):
-    base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
-    out = storage.join(base, "o")
-    storage.write_table(out, "t", pa.table({"a": [0]}))
-    storage.commit_output(out, "test", {}, ["t"])
-    digest = storage.manifest_digest(out)
-    with pytest.raises(storage.StorageError, match="no _MANIFEST.json"):
-        storage.set_current(out, 1, digest)
-    files = storage.write_table(storage.join(out, storage.version_path(1)), "t", pa.table({"a": [1, 2]}))
-    storage.write_json(storage.join(out, "versions/0001/_MANIFEST.json"),
-                       {"job": "test", "version": 1, "tables": {"t": {"files": [f[len(storage.join(out, "")):] for f in files], "rows": 2}}})
-    assert storage.read_table(out, "t").column("a").to_pylist() == [0]  # not current yet
-    storage.set_current(out, 1, digest)
-    assert storage.read_table(out, "t").column("a").to_pylist() == [1, 2]
-    assert storage.current_version(out) == 1 and storage.list_versions(out) == [1]
-    storage.commit_output(out, "test", {"again": True}, ["t"])  # the root rewritten: pointer void
-    assert storage.read_table(out, "t").column("a").to_pylist() == [0] and storage.current_version(out) == 0
+        assert versions.current_version(out) == 0
+    assert not os.path.exists(os.path.join(out, lock.LOCK))
 
 
 # ----------------------------------------------------------------------------- estimated min/max
@@ -441,7 +471,7 @@ def test_minmax_sample(index_a, pipeline, tmp_path):
     assert res["minmax_estimated_captions"] == 2
     sample = storage.read_manifest(out)["extra"]["index"]["minmax_sample"]
     assert sample["size"] == 5 and len(sample["audio_ids"]) == 5
-    L, aids, cids = reindex.load_score_matrix(out)
+    L, aids, cids = load_score_matrix(out)
     rows = [aids.index(a) for a in sample["audio_ids"]]
     stats = storage.read_table(out, "caption_stats").to_pandas().set_index("caption_id")
     for c in ("e1", "e2"):
@@ -449,7 +479,7 @@ def test_minmax_sample(index_a, pipeline, tmp_path):
         assert stats.loc[c, "loss_min"] == col.min() and stats.loc[c, "loss_max"] == col.max()
         assert stats.loc[c, "n_audios"] == 5
     # every later run must use the same sample
-    with pytest.raises(reindex.ReindexError, match="same sample"):
+    with pytest.raises(BadInputError, match="same sample"):
         _reindex(out, new_captions=_csv(tmp_path, [("e3", "a bell rings")], "e3.csv"), minmax_sample=6)
 
 
@@ -460,19 +490,20 @@ def test_minmax_estimate_eval():
     cids = [f"c{j:02d}" for j in range(30)]
     gt = {c: aids[j % 12] for j, c in enumerate(cids)}
     L[[j % 12 for j in range(30)], range(30)] -= 3  # own audio scores best
-    rows = reindex.minmax_estimate_eval(L, aids, cids, gt, sizes=(3, 12), draws=2)
+    bench = _job("bench_reindex")
+    rows = bench.minmax_estimate_eval(L, aids, cids, gt, sizes=(3, 12), draws=2)
     assert [r["sample"] for r in rows] == ["raw", "all", "3", "12"]
     assert rows[-1]["R"] == rows[1]["R"]  # a sample of every audio is exact
     assert all(0 <= r <= 1 for row in rows for r in row["R"])
-    assert "all audios (exact)" in reindex.format_minmax_eval(rows, 12, 30, 2)
+    assert "all audios (exact)" in bench.format_minmax_eval(rows, 12, 30, 2)
     assert reindex.draw_minmax_sample(aids, 4, 7) == reindex.draw_minmax_sample(aids[::-1], 4, 7)
 
 
 def test_scored_pairs_follow_the_change():
     units = reindex.plan_units("v0001", ["n1", "n2"], [[1, 5, 2], [1, 2]], [f"o{i}" for i in range(100)],
                                [[1, 4, 2]] * 100, n_all=50, n_new=5, block=8)
-    cap = [u for u in units if u["kind"] == "cap"]
-    aud = [u for u in units if u["kind"] == "aud"]
-    assert sum(len(u["caption_ids"]) for u in cap) == 2 and sum(len(u["caption_ids"]) for u in aud) == 100
-    assert cap[0]["caption_ids"] == ["n2", "n1"]  # shortest first
-    assert len({u["file"] for u in units}) == len(units) and all(u["file"].startswith("v0001-") for u in units)
+    cap = [u for u in units if u.kind == "cap"]
+    aud = [u for u in units if u.kind == "aud"]
+    assert sum(len(u.caption_ids) for u in cap) == 2 and sum(len(u.caption_ids) for u in aud) == 100
+    assert cap[0].caption_ids == ["n2", "n1"]  # shortest first
+    assert len({u.file for u in units}) == len(units) and all(u.file.startswith("v0001-") for u in units)

