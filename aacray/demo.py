@@ -101,10 +101,9 @@ def stage_line(s: StageResult) -> str:
             f"{r.get('n_pairs', '?')} pairs, {_num(r.get('pairs_per_s'), '.0f')} pairs/s"
         )
     if s.name == "caption":
-        skipped = r.get("skipped") or []
-        return f"{r.get('n_audios', '?')} audios captioned, {len(r.get('metrics') or {})} metrics" + (
-            f" ({len(skipped)} n/a)" if skipped else ""
-        )
+        skipped, scores = r.get("skipped") or [], r.get("metrics") or {}
+        n = sum(k in scores for _, k in CAPTION_COLUMNS)
+        return f"{r.get('n_audios', '?')} audios captioned, {n} metrics" + (f" ({len(skipped)} n/a)" if skipped else "")
     if s.name == "perturb":
         return f"{r.get('n_perturbed', '?')} perturbed captions scored on their audio"
     return ", ".join(f"{k}={v}" for k, v in r.items() if isinstance(v, int | float | str))

@@ -371,8 +371,8 @@ def actor_memory(cfg: PerturbConfig, audio: EmbeddingSet, model: CaptionDecoder)
     """What a PerturbActor holds: a PairScorer over every audio, one batch of pairs at a time."""
     return scorer_memory(
         len(audio.audio_ids), max(f.shape[0] for f in audio.frames), model.cfg,
-        sum(p.numel() for p in model.parameters()), cfg.scorer.precision, cfg.actors.batch_size,
-    )
+        sum(p.numel() for p in model.parameters()), cfg.scorer.precision, 0,
+    )  # block 0: a perturb batch holds pair losses (B floats), not an N x block matrix
 
 
 def plan_perturb(cfg: PerturbConfig) -> PerturbPlan:

@@ -81,7 +81,7 @@ from aacray.retrieval import (
     topk_select,
     topk_t2a,
 )
-from aacray.scorer import REFINE_MARGIN, refine_summary, scorer_memory, tokenize
+from aacray.scorer import REFINE_MARGIN, over_long, refine_summary, scorer_memory, tokenize
 from aacray.scoring import write_scores_block
 from aacray.text import WordTokenizer, normalize
 
@@ -540,7 +540,12 @@ def _plan(cfg: ReindexConfig, index: Index, model: Model, new: NewData, run_key:
     has_scores = "scores" in index.manifest["tables"]
     _check_new(index, new, all_ids, has_scores)
     sample = _minmax_sample(cfg, index, all_ids)
-    new_tokens = tokenize(model.tok, new.captions.column("text").to_pylist(), model.max_tokens) if new.d_m else []
+    new_texts = new.captions.column("text").to_pylist() if new.d_m else []
+    # new captions are refused when too long, as score_matrix refuses them (never cut)
+    too_long = over_long(new.caption_ids, [model.tok.encode(t) for t in new_texts], model.max_tokens)
+    if too_long:
+        raise BadInputError(f"reindex refused {cfg.new_captions}, nothing was changed:\n  {too_long}")
+    new_tokens = tokenize(model.tok, new_texts, model.max_tokens)
     old_cids = index.caption_ids if new.d_n else []
     old_tokens = tokenize(model.tok, index.captions.column("text").to_pylist(), model.max_tokens) if new.d_n else []
     prefix = versions.version_prefix(index.version + 1)
