@@ -394,6 +394,12 @@ def resume_mismatch(cfg: TrainConfig, tok: WordTokenizer, folder: str) -> list[s
     diffs = [f"{k}: {old.get(k)!r} in the checkpoint, {new[k]!r} now" for k in RESUME_MUST_MATCH if old.get(k) != new[k]]
     if storage.read_bytes(storage.join(folder, "tokenizer.json")).decode("utf-8") != tok.to_str():
         diffs.append("vocabulary: the training captions give another vocabulary than the checkpoint's")
+    if not diffs:  # same model and recipe, but the optimizer may group parameters otherwise
+        model = CaptionDecoder(cfg.model, tok.vocab_size, tok.pad_id)
+        now = [len(g["params"]) for g in build_optimizer(model, cfg).param_groups]
+        saved = [len(g["params"]) for g in ckpt_lib.load_state(folder)["optimizer"]["param_groups"]]
+        if saved != now:
+            diffs.append(f"optimizer parameter groups: {saved} tensors in the checkpoint, {now} now (another aacray version)")
     return diffs
 
 
@@ -749,7 +755,7 @@ def fit_on_ray(job: TrainJob) -> None:
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from aacray.runtime import init_ray
+    from aacray.runtime import init_ray, train_logging_config
 
     cfg = job.cfg
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
@@ -772,6 +778,7 @@ def fit_on_ray(job: TrainJob) -> None:
             storage_path=out_root,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            logging_config=train_logging_config(),
         ),
         datasets={
             "train": _embedding_dataset(cfg.embeddings, list(job.prep.train_tokens)),

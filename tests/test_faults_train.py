@@ -84,20 +84,28 @@ def _rerun(cfg: TrainConfig, caplog, **kw) -> dict:
         return run_train(cfg, **kw)
 
 
-MOMENTS = [("mid_epoch:2", 1), ("validation:2", 1), ("checkpoint_write:2", 1), ("after_checkpoint:2", 2)]
+MOMENTS = [
+    ("mid_epoch:2", 1, "local"),
+    ("validation:2", 1, "local"),
+    ("checkpoint_write:2", 1, "local"),
+    ("checkpoint_write:2", 1, "s3"),
+    ("after_checkpoint:2", 2, "local"),
+]
 
 
-@pytest.mark.parametrize("hook, resumed", MOMENTS, ids=[h.split(":")[0] for h, _ in MOMENTS])
-def test_stopped_run_resumes_from_newest_complete_checkpoint(train_extract, reference, tmp_path, monkeypatch, caplog, hook, resumed):
-    out = str(tmp_path / "train")
+@pytest.mark.parametrize("hook, resumed, where", MOMENTS, ids=[f"{h.split(':')[0]}-{w}" for h, _, w in MOMENTS])
+def test_stopped_run_resumes_from_newest_complete_checkpoint(
+    train_extract, reference, tmp_path, monkeypatch, caplog, request, hook, resumed, where
+):
+    out = f"{request.getfixturevalue('s3_bucket')}/train" if where == "s3" else str(tmp_path / "train")
     flag = _arm(monkeypatch, tmp_path, hook + ":raise")
     with pytest.raises(InjectedFault, match=hook):
         run_train(_cfg(train_extract, out), fit=fit_in_process)
-    assert os.path.exists(flag) and not os.path.exists(os.path.join(out, storage.MANIFEST))
+    assert os.path.exists(flag) and not storage.exists(storage.join(out, storage.MANIFEST))
     half = _ckpt(out, 2)
     assert (ckpt_lib.incomplete_reason(half) is None) == hook.startswith("after_checkpoint")
     if hook.startswith("checkpoint_write"):
-        assert os.listdir(half) == ["model.pt"]
+        assert [f.rsplit("/", 1)[-1] for f in storage.get_fs(half)[0].ls(storage.get_fs(half)[1])] == ["model.pt"]
     monkeypatch.delenv("AACRAY_TEST_HOOK")
     summary = _rerun(_cfg(train_extract, out), caplog, fit=fit_in_process)
     ckpt = _ckpt(out, resumed)

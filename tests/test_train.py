@@ -174,12 +174,14 @@ def _tok() -> WordTokenizer:
     return WordTokenizer.build([" ".join(WORDS)])
 
 
-def _run_folder(tmp_path, cfg: TrainConfig, tok: WordTokenizer, epochs=(1, 2, 3)) -> str:
+def _run_folder(tmp_path, cfg: TrainConfig, tok: WordTokenizer, epochs=(1, 2, 3), optimizer=None) -> str:
     """A run folder holding complete checkpoints of `epochs`, trained (here: saved) with cfg."""
     run = str(tmp_path / "ray_train")
+    torch.manual_seed(0)
     model = CaptionDecoder(cfg.model, tok.vocab_size, tok.pad_id)
+    extra = {"history": [], "optimizer": (optimizer or build_optimizer(model, cfg)).state_dict()}
     for e in epochs:
-        ckpt_lib.save(os.path.join(run, ckpt_lib.run_checkpoint_name(e)), model, tok, dump_yaml(cfg), e, {"history": []})
+        ckpt_lib.save(os.path.join(run, ckpt_lib.run_checkpoint_name(e)), model, tok, dump_yaml(cfg), e, extra)
     return run
 
 
@@ -244,6 +246,17 @@ def test_resume_with_another_config_is_refused(tmp_path, change, named):
     msg = str(e.value)
     assert "checkpoint_epoch_0002 (epoch 2) was trained with another config" in msg
     assert named in msg and "restart=true" in msg
+
+
+def test_resume_with_an_optimizer_grouped_otherwise_is_refused(tmp_path):
+    """Same model and recipe, but the checkpoint's AdamW grouped the parameters otherwise
+    (an older aacray decayed LayerNorm weights): its state would not load, so it is refused."""
+    cfg, tok = _cfg(), _tok()
+    model = CaptionDecoder(cfg.model, tok.vocab_size, tok.pad_id)
+    one_group = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    run = _run_folder(tmp_path, cfg, tok, epochs=(1,), optimizer=one_group)
+    with pytest.raises(BadInputError, match=r"optimizer parameter groups: \[\d+\] tensors in the checkpoint, \[\d+, \d+\] now"):
+        plan_resume(cfg, tok, run)
 
 
 def test_resume_with_other_paths_and_resources_is_allowed(tmp_path):
