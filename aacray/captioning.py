@@ -29,13 +29,13 @@ import pyarrow.compute as pc
 from aacray import checkpoint as ckpt_lib
 from aacray import stage, storage
 from aacray.config import CaptionConfig, from_dict, to_dict
+from aacray.decoder import pad_frames
 from aacray.decoding import beam_search
 from aacray.embeddings import check_embeddings, duplicate_ids, read_captions, read_embeddings
 from aacray.errors import BadInputError
 from aacray.metrics_env import MAIN_KEY, evaluate_captions
 from aacray.runtime import init_ray
 from aacray.text import normalize
-from aacray.train import pad_frames
 
 # --------------------------------------------------------------------------------------
 # The printed table

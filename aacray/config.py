@@ -201,6 +201,16 @@ class TrainConfig:
     instead of streaming it again every epoch; turn off when a shard does not fit in RAM."""
     checkpoint_every: int = 1
     """Report a checkpoint every N epochs (and always after the last)."""
+    select_by: Literal["last", "val_loss", "t2a_mAP@10", "cider_d", "fense"] = "val_loss"
+    """Which checkpointed epoch the output's `checkpoint/` keeps (every downstream job uses
+    it): lowest val_loss (default: offline, free), highest validation t2a_mAP@10 (every
+    validation caption against every validation clip), CIDEr-D or FENSE of beam-search
+    captions (FENSE needs its models in the cache; the authors selected by FENSE), or the
+    last epoch. aacray/selection.py; metrics.json's `selected` says which epoch and why."""
+    restart: bool = False
+    """Re-running into an output that holds checkpoints resumes from the newest complete one
+    and refuses when none is usable (half-written, or trained with another config);
+    restart=true removes those checkpoints and trains from epoch 1 instead."""
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:

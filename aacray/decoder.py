@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -359,3 +360,27 @@ def pair_loss_memory(
     n = (target != pad_id).sum(dim=1)
     assert bool((n > 0).all()), "a caption has no target token (expected at least eos)"
     return nll.sum(dim=1) / n.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def pad_frames(frames: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (S_i, E) -> (B, S, E) float32 and pad mask (B, S), True on pad."""
+    S = max(f.shape[0] for f in frames)
+    E = frames[0].shape[1]
+    x = torch.zeros(len(frames), S, E)
+    mask = torch.ones(len(frames), S, dtype=torch.bool)
+    for i, f in enumerate(frames):
+        x[i, : f.shape[0]] = torch.tensor(np.asarray(f, dtype=np.float32))
+        mask[i, : f.shape[0]] = False
+    return x, mask
+
+
+def pad_tokens(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Token id lists -> (B, T) long, right-padded with pad_id."""
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out

@@ -243,11 +243,11 @@ def find_resources(cache: str | None = None, java: str | None = None, link: bool
             "it fetches SPICE-1.0.zip and stanford-corenlp-full-2015-12-09.zip)"
         )
     res.spice = _needs("SPICE", [java_ok, spice_files])
-    res.fense = _fense_problem()
+    res.fense = fense_problem()
     return res
 
 
-def _fense_problem() -> str | None:
+def fense_problem() -> str | None:
     """None when FENSE's two models are on disk, else what is missing."""
     missing = []
     try:

@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -42,9 +43,9 @@ import torch
 import yaml
 
 from aacray import checkpoint as ckpt_lib
-from aacray import storage
+from aacray import selection, storage
 from aacray.config import TrainConfig, dump_yaml, from_dict, to_dict
-from aacray.decoder import CaptionDecoder, pair_loss, train_loss
+from aacray.decoder import CaptionDecoder, pad_frames, pad_tokens, pair_loss, train_loss
 from aacray.embeddings import EmbeddingSet, check_embeddings, read_captions, read_embeddings
 from aacray.errors import BadInputError
 from aacray.text import WordTokenizer, normalize
@@ -59,6 +60,8 @@ class Prepared:
     train_tokens: dict[str, list[list[int]]]  # audio_id -> token id lists of its captions
     val_tokens: dict[str, list[list[int]]]
     quarantine: list[dict]
+    val_texts: dict[str, list[str]] = field(default_factory=dict)
+    """audio_id -> the texts of its usable validation captions (references for selection)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -93,6 +96,7 @@ def prepare(cfg: TrainConfig, train: EmbeddingSet, val: EmbeddingSet, captions: 
         per_split[subset_of[aid]].append((cid, aid, text))
     tok = WordTokenizer.build([t for _, _, t in per_split["train"]], min_freq=cfg.min_freq)
     out: dict[str, dict[str, list[list[int]]]] = {"train": {}, "val": {}}
+    val_texts: dict[str, list[str]] = {}
     max_tokens = cfg.model.max_len + 1  # inputs (bos + words) fit max_len positions
     for split, items in per_split.items():
         for cid, aid, text in items:
@@ -103,6 +107,8 @@ def prepare(cfg: TrainConfig, train: EmbeddingSet, val: EmbeddingSet, captions: 
             if len(ids) > max_tokens:
                 ids = ids[: max_tokens - 1] + [tok.eos_id]
             out[split].setdefault(aid, []).append(ids)
+            if split == "val":
+                val_texts.setdefault(aid, []).append(text)
     for split, es in (("train", train), ("val", val)):
         for aid in es.audio_ids:
             if aid not in out[split] and aid not in bad_audio:
@@ -119,27 +125,7 @@ def prepare(cfg: TrainConfig, train: EmbeddingSet, val: EmbeddingSet, captions: 
         raise BadInputError(f"no usable training clips in subsets {cfg.train_subsets}")
     if not out["val"]:
         raise BadInputError(f"no usable validation clips in subsets {cfg.val_subsets}")
-    return Prepared(tok, out["train"], out["val"], bad)
-
-
-def pad_frames(frames: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """List of (S_i, E) -> (B, S, E) float32 and pad mask (B, S), True on pad."""
-    S = max(f.shape[0] for f in frames)
-    E = frames[0].shape[1]
-    x = torch.zeros(len(frames), S, E)
-    mask = torch.ones(len(frames), S, dtype=torch.bool)
-    for i, f in enumerate(frames):
-        x[i, : f.shape[0]] = torch.tensor(np.asarray(f, dtype=np.float32))
-        mask[i, : f.shape[0]] = False
-    return x, mask
-
-
-def pad_tokens(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
-    T = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
+    return Prepared(tok, out["train"], out["val"], bad, val_texts)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -248,6 +234,10 @@ class TrainState:
     resumes: list[dict] = field(default_factory=list)
     """Every resume behind these weights: {"epoch", "checkpoint"}, oldest first."""
     hook: FaultHook | None = None
+    val_texts: dict[str, list[str]] = field(default_factory=dict)
+    val_clips: Callable[[], EmbeddingSet] | None = None
+    """Rank 0's whole validation set for selection criteria other than val_loss (a Ray
+    worker's `rows("val")` is only its shard); read on first use."""
 
     @property
     def device(self) -> torch.device:
@@ -359,7 +349,7 @@ KEEP_CHECKPOINTS = 2
 RESUME_MUST_MATCH = (
     "model", "train_subsets", "val_subsets", "min_freq", "epochs", "batch_size", "lr", "betas",
     "eps", "weight_decay", "grad_clip", "label_smoothing", "mixup_alpha", "spec_aug_stripes",
-    "spec_aug_width", "seed",
+    "spec_aug_width", "seed", "select_by",
 )
 """Config keys a resumed run must share with its checkpoint: the model, the data it was
 fitted on and the recipe (epochs sets the cosine schedule). Paths, workers, resources and
@@ -403,18 +393,13 @@ def resume_mismatch(cfg: TrainConfig, tok: WordTokenizer, folder: str) -> list[s
     return diffs
 
 
-def _restart_requested(cfg: TrainConfig) -> bool:
-    # TrainConfig.restart is being added to aacray/config.py; until then it reads as False
-    return bool(getattr(cfg, "restart", False))
-
-
 def plan_resume(cfg: TrainConfig, tok: WordTokenizer, run: str) -> ResumePoint:
     """Where this run starts: the newest complete checkpoint under `run` (half-written
     ones are logged and removed), or epoch 1 when there is none. Raises BadInputError when
     checkpoints exist but none is complete, or when the newest was trained with another
     config; with restart=true the checkpoints are removed instead."""
     found = ckpt_lib.run_checkpoints(run)
-    if found and _restart_requested(cfg):
+    if found and cfg.restart:
         log.warning("restart=true: removing %d checkpoint(s) under %s; training from epoch 1", len(found), run)
         for _, folder in found:
             storage.remove(folder)
@@ -443,13 +428,14 @@ def plan_resume(cfg: TrainConfig, tok: WordTokenizer, run: str) -> ResumePoint:
     return ResumePoint(epoch, folder)
 
 
-def prune_checkpoints(run: str, newest: int, keep: int = KEEP_CHECKPOINTS) -> None:
+def prune_checkpoints(run: str, newest: int, keep: int = KEEP_CHECKPOINTS, also_keep: int | None = None) -> None:
     """Remove the folders older than the run's `keep` newest marked checkpoints up to
-    epoch `newest`. It runs after every checkpoint, so it checks markers, not digests;
-    folders past `newest` (left by a crashed attempt) are overwritten when reached."""
+    epoch `newest`, except epoch `also_keep` (the selected one so far). It runs after every
+    checkpoint, so it checks markers, not digests; folders past `newest` (left by a crashed
+    attempt) are overwritten when reached."""
     kept = 0
     for epoch, folder in ckpt_lib.run_checkpoints(run):
-        if epoch > newest:
+        if epoch > newest or epoch == also_keep:
             continue
         if kept < keep and storage.exists(storage.join(folder, ckpt_lib.MARKER)):
             kept += 1
@@ -573,11 +559,20 @@ def _set_up_worker(config: dict) -> TrainState:
     tok = WordTokenizer.from_str(config["tokenizer"])
     st = new_train_state(cfg, tok, config["train_tokens"], config["val_tokens"], ctx.get_world_rank(), ctx.get_world_size())
     st.hook = config.get("fault_hook")
+    _set_up_selection(st, config, lambda: read_embeddings(cfg.embeddings, cfg.val_subsets))
     # on the device (and in DDP) before the optimizer state is loaded, so that state lands
     # on the parameters' device
     st.step = prepare_model(st.step)
     restore(st, config["run"], config["resume_epoch"])
     return st
+
+
+def _set_up_selection(st: TrainState, config: dict, val_clips: Callable[[], EmbeddingSet]) -> None:
+    """Give rank 0 what its selection criterion needs (nothing for last and val_loss)."""
+    if st.rank != 0 or st.cfg.select_by in ("last", "val_loss"):
+        return
+    st.val_texts = config["val_texts"]
+    st.val_clips = functools.cache(val_clips)
 
 
 def restore(st: TrainState, run: str, planned: int) -> None:
@@ -609,16 +604,25 @@ def restore(st: TrainState, run: str, planned: int) -> None:
 
 
 def _end_epoch(st: TrainState, config: dict, metrics: dict) -> None:
-    """Log the epoch and write its checkpoint when due (rank 0)."""
+    """Rank 0: on a checkpointed epoch, add the selection criterion's value to its history
+    row; log the epoch; write its checkpoint when due."""
     cfg, done = st.cfg, metrics["epoch"]
-    if st.rank == 0:
-        print(
-            f"[aacray.train] epoch {done}/{cfg.epochs} train_loss {metrics['train_loss']:.3f} "
-            f"val_loss {metrics['val_loss']:.3f} {metrics['samples_per_s']:.0f} samples/s",
-            flush=True,
-        )
-        if done == cfg.epochs or done % cfg.checkpoint_every == 0:
-            _write_checkpoint(st, config, done)
+    if st.rank != 0:
+        return
+    due = selection.is_checkpointed(done, cfg.epochs, cfg.checkpoint_every)
+    value = None
+    if due and st.val_clips is not None:
+        value = selection.criterion_value(cfg.select_by, st.model, st.tok, st.val_clips(), st.val_tokens, st.val_texts)
+    if value is not None:
+        metrics[cfg.select_by] = value
+    shown = f" {cfg.select_by} {value:.4f}" if value is not None else ""
+    print(
+        f"[aacray.train] epoch {done}/{cfg.epochs} train_loss {metrics['train_loss']:.3f} "
+        f"val_loss {metrics['val_loss']:.3f}{shown} {metrics['samples_per_s']:.0f} samples/s",
+        flush=True,
+    )
+    if due:
+        _write_checkpoint(st, config, done)
 
 
 def _write_checkpoint(st: TrainState, config: dict, done: int) -> None:
@@ -633,7 +637,8 @@ def _write_checkpoint(st: TrainState, config: dict, done: int) -> None:
     extra = {"optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict(), "history": st.history, "resumes": st.resumes}
     ckpt_lib.save(folder, st.model, st.tok, config["config_yaml"], done, extra, on_file_written=written)
     fire_hook(st.hook, "after_checkpoint", done)
-    prune_checkpoints(run, done)
+    best = selection.select(st.history, st.cfg.select_by, st.cfg.epochs, st.cfg.checkpoint_every).epoch
+    prune_checkpoints(run, done, also_keep=best)
 
 
 # --------------------------------------------------------------------------------------
@@ -707,6 +712,9 @@ def run_train(cfg: TrainConfig, fit: Callable[[TrainJob], None] | None = None) -
 
 def _load_inputs(cfg: TrainConfig) -> TrainJob:
     """Read and check the inputs, build the vocabulary (nothing is written yet)."""
+    why = selection.unavailable(cfg.select_by)
+    if why:
+        raise BadInputError(f"select_by={cfg.select_by} cannot run here: {why}; or choose another select_by ({', '.join(selection.CRITERIA)})")
     captions = read_captions(cfg.embeddings)
     train_es = read_embeddings(cfg.embeddings, cfg.train_subsets)
     val_es = read_embeddings(cfg.embeddings, cfg.val_subsets)
@@ -743,6 +751,7 @@ def _loop_config(job: TrainJob) -> dict:
         "tokenizer": prep.tokenizer.to_str(),
         "train_tokens": prep.train_tokens,
         "val_tokens": prep.val_tokens,
+        "val_texts": prep.val_texts,
         "run": job.run,
         "resume_epoch": job.resume.epoch,
         "fault_hook": fault_hook_from_env(),
@@ -795,6 +804,7 @@ def fit_in_process(job: TrainJob) -> None:
     config = _loop_config(job)
     st = new_train_state(job.cfg, job.prep.tokenizer, job.prep.train_tokens, job.prep.val_tokens)
     st.hook = config["fault_hook"]
+    _set_up_selection(st, config, lambda: job.val_es)
     restore(st, job.run, job.resume.epoch)
     rows = {
         "train": [(a, f) for a, f in zip(job.train_es.audio_ids, job.train_es.frames, strict=True) if a in st.train_tokens],
@@ -818,15 +828,29 @@ def _last_checkpoint(job: TrainJob) -> str:
     return newest[1]
 
 
-def _finish(job: TrainJob, final_ckpt: str) -> dict:
-    """Copy the final checkpoint beside the manifest, write metrics.json, commit."""
+def _selected_checkpoint(job: TrainJob, history: list[dict]) -> tuple[selection.Selected, str]:
+    """The epoch select_by picks from the full history, and its complete checkpoint."""
+    cfg = job.cfg
+    chosen = selection.select(history, cfg.select_by, cfg.epochs, cfg.checkpoint_every)
+    folder = storage.join(job.run, ckpt_lib.run_checkpoint_name(chosen.epoch))
+    why = ckpt_lib.incomplete_reason(folder)
+    if why is not None:
+        raise RuntimeError(f"select_by={cfg.select_by} chose epoch {chosen.epoch}, but its checkpoint {folder} is unusable: {why}")
+    log.info("selected epoch %d by %s (%s): %s", chosen.epoch, cfg.select_by, chosen.value, folder)
+    return chosen, folder
+
+
+def _finish(job: TrainJob, last_ckpt: str) -> dict:
+    """Copy the selected epoch's checkpoint beside the manifest, write metrics.json (the
+    whole history, from the last checkpoint), commit."""
     cfg, out = job.cfg, job.cfg.output
+    state = ckpt_lib.load_state(last_ckpt)
+    history = state["history"]
+    chosen, source = _selected_checkpoint(job, history)
     final = storage.join(out, "checkpoint")
     storage.remove(final)
-    ckpt_lib.copy(final_ckpt, final)
+    ckpt_lib.copy(source, final)
     model, tok, _ = ckpt_lib.load(final)
-    state = ckpt_lib.load_state(final)
-    history = state["history"]
     figs = heldout_figures(model, tok, job.val_es, job.prep.val_tokens, cfg.seed)
     first, last = history[0]["val_loss"], history[-1]["val_loss"]
     r = job.resume
@@ -839,6 +863,8 @@ def _finish(job: TrainJob, final_ckpt: str) -> dict:
         "val_loss_first": round(first, 4),
         "val_loss_last": round(last, 4),
         "val_loss_drop": round(1 - last / first, 4),
+        "selected_epoch": chosen.epoch,
+        "selected_by": cfg.select_by,
         "heldout_pairs": figs["heldout_pairs"],
         "matched_lower_share": round(figs["matched_lower_share"], 4),
         "train_samples_per_s": round(float(np.median([h["samples_per_s"] for h in history])), 1),
@@ -847,12 +873,15 @@ def _finish(job: TrainJob, final_ckpt: str) -> dict:
         "wall_seconds": round(time.time() - job.t0, 1),
     }
     resumes = state.get("resumes", [])
-    storage.write_json(storage.join(out, "metrics.json"), {"summary": summary, "history": history, "resumes": resumes})
+    checkpointed = [h["epoch"] for h in history if selection.is_checkpointed(h["epoch"], cfg.epochs, cfg.checkpoint_every)]
+    record = {"summary": summary, "selected": chosen.record(checkpointed), "history": history, "resumes": resumes}
+    storage.write_json(storage.join(out, "metrics.json"), record)
     storage.commit_output(out, "train_decoder", {"checkpoint": "checkpoint", **summary})
     print(
         f"[aacray.train] val loss {first:.3f} -> {last:.3f} ({summary['val_loss_drop']:.0%} lower); "
         f"matched caption beats a random one on {summary['matched_lower_share']:.1%} of "
-        f"{summary['heldout_pairs']} held-out pairs; {summary['train_samples_per_s']} samples/s",
+        f"{summary['heldout_pairs']} held-out pairs; {summary['train_samples_per_s']} samples/s; "
+        f"kept epoch {chosen.epoch} (select_by={cfg.select_by})",
         flush=True,
     )
     return summary

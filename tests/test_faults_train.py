@@ -61,8 +61,11 @@ def reference(train_extract, tmp_path_factory) -> str:
 
 
 def assert_same_training(out: str, reference: str) -> None:
-    """The run trained the epochs the uninterrupted one did: same history, same weights."""
+    """The run trained the epochs the uninterrupted one did: same history, same selected
+    epoch, same weights."""
     got, want = _metrics(out)["history"], _metrics(reference)["history"]
+    sel, sel_ref = _metrics(out)["selected"], _metrics(reference)["selected"]
+    assert {**sel, "value": pytest.approx(sel_ref["value"], rel=1e-5)} == sel_ref
     assert [h["epoch"] for h in got] == [1, 2, 3]
     for a, b in zip(got, want, strict=True):
         for key in ("train_loss", "val_loss", "lr"):
@@ -178,7 +181,9 @@ def test_training_to_s3_resumes_and_loads(ray_local, train_extract, reference, s
     assert summary["resumed_from"] == {"epoch": 1, "checkpoint": _ckpt(out, 1)}
     assert f"skipping checkpoint {_ckpt(out, 2)}" in caplog.text
     _, _, info = ckpt_lib.load(out)
-    assert info["epoch"] == 3 and info["folder"] == f"{out}/checkpoint"
-    assert [e for e, _ in ckpt_lib.run_checkpoints(storage.join(out, "ray_train"))] == [3, 2]
+    selected = _metrics(out)["selected"]["epoch"]
+    assert info["epoch"] == selected and info["folder"] == f"{out}/checkpoint"
+    kept = [e for e, _ in ckpt_lib.run_checkpoints(storage.join(out, "ray_train"))]
+    assert kept == sorted({3, 2, selected}, reverse=True)  # the two newest and the selected one
     assert _metrics(out)["resumes"] == [{"epoch": 1, "checkpoint": _ckpt(out, 1)}]
     assert_same_training(out, reference)

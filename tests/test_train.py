@@ -221,8 +221,7 @@ def test_restart_removes_the_checkpoints_and_trains_from_epoch_one(tmp_path):
     cfg, tok = _cfg(), _tok()
     run = _run_folder(tmp_path, cfg, tok)
     os.remove(os.path.join(run, "checkpoint_epoch_0003", ckpt_lib.MARKER))
-    cfg.restart = True  # a TrainConfig field (see aacray/train.py _restart_requested)
-    assert plan_resume(cfg, tok, run) == ResumePoint(0, None)
+    assert plan_resume(_cfg(restart=True), tok, run) == ResumePoint(0, None)
     assert _names(run) == []
 
 
