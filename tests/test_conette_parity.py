@@ -244,6 +244,38 @@ def test_default_search_equals_conette_when_specials_are_improbable(tok, ref):
         compare_with_conette(model, tok, ref, frames, mask, case, ban_specials=True)
 
 
+def test_beam_search_equals_conette_on_a_trained_model(ref, tmp_path):
+    """Weights from aacray's training loop (the paper's recipe, 12 epochs in process on a
+    small corpus of random clips and captions, so the vocabulary and the specials carry
+    learnt probabilities): conette's search and aacray's (ban_specials=False) give the same
+    captions and scores, with and without the repetition rule. aacray's default also bans
+    pad, bos and unk, which this lightly trained model still gives some probability: its
+    captions hold none of them (and may differ from conette's where a beam held one)."""
+    from test_train import write_train_extract
+
+    from aacray import checkpoint as ckpt_lib
+    from aacray.config import TrainConfig, from_dict
+    from aacray.decoder import pad_frames
+    from aacray.embeddings import read_embeddings
+    from aacray.train import fit_in_process, run_train
+
+    ext = write_train_extract(str(tmp_path / "ext"), n_dev=24, n_val=6)
+    out = str(tmp_path / "train")
+    model_cfg = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64}
+    cfg = {"embeddings": ext, "output": out, "epochs": 12, "batch_size": 8, "num_workers": 1, "model": model_cfg, "select_by": "last"}
+    run_train(from_dict(TrainConfig, cfg), fit=fit_in_process)
+    model, tok, _ = ckpt_lib.load(out)
+    val = read_embeddings(ext, ["validation", "development"])
+    frames, mask = pad_frames(val.frames[:10])
+    captions = {}
+    for case in CASES:
+        ours = captions[case] = compare_with_conette(model, tok, ref, frames, mask, case, ban_specials=False)
+        default = beam_search(model, frames, mask, tok, beam_size=case[0], min_len=case[1], max_len=case[2], forbid_repeats=case[3])
+        banned = {tok.pad_id, tok.bos_id, tok.unk_id}
+        assert not any(banned & set(g.tokens[1:]) for g in default), case
+    assert len({tuple(g.tokens) for g in captions[CASES[0]]}) > 1  # CoNeTTE's setting: the clips differ
+
+
 def test_defaults_and_repetition_mask_are_conettes(tok, ref):
     cfg = ref.hf_config.CoNeTTEConfig()
     params = inspect.signature(beam_search).parameters
