@@ -82,7 +82,7 @@ class CaptionActor:
 
     def __init__(self, cfg_dict: dict):
         cfg = from_dict(CaptionConfig, cfg_dict)
-        self.device, self.model, self.tok, _ = stage.actor_setup(cfg.actors, cfg.checkpoint)
+        self.device, self.model, self.tok, _ = stage.actor_setup(cfg.actors, cfg.checkpoint, cfg.task)
         audio = read_embeddings(cfg.audio, cfg.subsets)
         bad = check_embeddings(audio, "caption")
         if bad:
@@ -140,7 +140,7 @@ def references_for(uri: str, audio_ids: list[str]) -> dict[str, list[str]]:
 
 def plan_caption(cfg: CaptionConfig) -> CaptionPlan:
     """The checkpoint and the audios to caption, checked; raises BadInputError naming them."""
-    model, _, info = ckpt_lib.load(cfg.checkpoint)
+    model, _, info = ckpt_lib.load(cfg.checkpoint, task=cfg.task)
     if cfg.max_len + 1 > model.cfg.max_len:
         raise BadInputError(
             f"max_len={cfg.max_len} words + bos exceed the decoder's max_len={model.cfg.max_len} "

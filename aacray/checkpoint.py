@@ -21,7 +21,9 @@ folder (`run_checkpoints` lists them, newest first).
 
 Inference always rebuilds the model from this folder, never from today's YAML. A
 training output folder (runs/.../train_decoder) is accepted too: its manifest names the
-final checkpoint.
+final checkpoint. So is the authors' released model, a CoNeTTE folder as the Hugging Face
+hub ships it (config.json + model.safetensors or pytorch_model.bin): `resolve` and `load`
+dispatch on the folder's kind, so every job reads either through the same `load`.
 """
 
 from __future__ import annotations
@@ -36,17 +38,14 @@ from collections.abc import Callable
 
 import torch
 
-from aacray import storage
+from aacray import conette_model, storage
 from aacray.decoder import CaptionDecoder, DecoderConfig
+from aacray.errors import CheckpointError
 from aacray.text import WordTokenizer
 
 MARKER = "_COMPLETE.json"
 FILES = ("model.pt", "tokenizer.json", "config.yaml")
 _RUN_FOLDER = re.compile(r"^checkpoint_epoch_(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says which file and why."""
 
 
 def save(
@@ -149,8 +148,9 @@ def tokenizer_digest(tok: WordTokenizer) -> str:
 
 
 def resolve(uri: str) -> str:
-    """A checkpoint folder, or a train_decoder output whose manifest points at one."""
-    if storage.exists(storage.join(uri, "model.pt")):
+    """A checkpoint folder or a CoNeTTE model folder, or a train_decoder output whose
+    manifest points at a checkpoint folder."""
+    if storage.exists(storage.join(uri, "model.pt")) or conette_model.is_folder(uri):
         return uri
     if not storage.exists(storage.join(uri, storage.MANIFEST)):
         # a train_decoder output has config.yaml too: only these mark a checkpoint folder
@@ -215,9 +215,32 @@ def _load_tokenizer(folder: str, state: dict) -> WordTokenizer:
     return tok
 
 
-def load(uri: str, device: str | torch.device = "cpu") -> tuple[CaptionDecoder, WordTokenizer, dict]:
-    """(model in eval mode, tokenizer, info) from a checkpoint folder or training output."""
+def weights_path(uri: str) -> str:
+    """The weights file of the checkpoint `uri` resolves to (model.pt, or a CoNeTTE folder's)."""
     folder = resolve(uri)
+    if conette_model.is_folder(folder):
+        return storage.join(folder, next(n for n in conette_model.WEIGHT_FILES if storage.exists(storage.join(folder, n))))
+    return storage.join(folder, "model.pt")
+
+
+def load(
+    uri: str, device: str | torch.device = "cpu", task: str = conette_model.DEFAULT_TASK
+) -> tuple[CaptionDecoder, WordTokenizer, dict]:
+    """(model in eval mode, tokenizer, info) from a checkpoint folder, a training output or
+    a CoNeTTE model folder (aacray/conette_model.py), the one loader of every job.
+
+    task: the CoNeTTE task whose token starts every caption (the tokenizer's bos); aacray's
+    own checkpoints have no task tokens and take the default only.
+    """
+    folder = resolve(uri)
+    if conette_model.is_folder(folder):
+        model, tok, extra = conette_model.load(folder, task)
+        return model.to(device).eval(), tok, _info(folder, None, tok) | extra
+    if task != conette_model.DEFAULT_TASK:
+        raise CheckpointError(
+            f"{folder}: an aacray checkpoint has no task tokens, so task={task!r} does not apply (it "
+            f"selects a CoNeTTE model's caption style): leave task at {conette_model.DEFAULT_TASK}"
+        )
     state = load_state(folder)
     tok = _load_tokenizer(folder, state)
     cfg = DecoderConfig(**state["decoder_config"])
@@ -232,9 +255,12 @@ def load(uri: str, device: str | torch.device = "cpu") -> tuple[CaptionDecoder, 
             "edited; use the checkpoint folder train_decoder wrote, or retrain"
         ) from None
     model.to(device).eval()
+    return model, tok, _info(folder, state.get("epoch"), tok)
+
+
+def _info(folder: str, epoch: int | None, tok: WordTokenizer) -> dict:
     digest = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
-    info = {"folder": folder, "epoch": state.get("epoch"), "tokenizer_sha": digest, "vocab_size": tok.vocab_size}
-    return model, tok, info
+    return {"folder": folder, "epoch": epoch, "tokenizer_sha": digest, "vocab_size": tok.vocab_size}
 
 
 def local_copy_dir(folder: str, tmp: str) -> str:

@@ -141,7 +141,8 @@ class EncoderConfig:
     name: Literal["convnext_tiny", "logmel_pool"] = "convnext_tiny"
     """convnext_tiny: the authors' AudioSet ConvNeXt; logmel_pool: weight-free pooled log-mel."""
     checkpoint: str | None = None
-    """Path/URI of convnext_tiny_471mAP.pth (state dict under 'model'); None = random init."""
+    """Path/URI of convnext_tiny_471mAP.pth (state dict under 'model'), or a CoNeTTE model
+    folder (its ConvNeXt); None = random init."""
 
 
 @dataclass
@@ -225,7 +226,12 @@ class ScoreConfig:
     """`jobs/score_matrix.py`: every audio x caption pair scored by the decoder's loss."""
 
     checkpoint: str = "runs/demo/train_decoder"
-    """A train_decoder output or a checkpoint folder (model.pt, tokenizer.json, config.yaml)."""
+    """A train_decoder output, a checkpoint folder (model.pt, tokenizer.json, config.yaml), or
+    a CoNeTTE model folder (config.json + model.safetensors or pytorch_model.bin)."""
+    task: str = "clotho"
+    """CoNeTTE folders only: the task token every caption starts with (<bos_clotho>,
+    <bos_audiocaps>, ...; the folder's config.json lists its tasks, an unknown one is refused
+    naming them). aacray's own checkpoints have none and take the default."""
     audio: str = "runs/demo/extract_embeddings"
     """The audio index: an extract_embeddings output."""
     audio_subsets: list[str] | None = None
@@ -242,6 +248,18 @@ class ScoreConfig:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     write_scores: bool = False
     """Also write the full `scores` table (one row per pair)."""
+    minmax_ties: Literal["paper", "authors"] = "paper"
+    """How min-max A2T orders captions tied on the min-max score s. paper (DESIGN.md): by raw
+    loss, then caption id, everywhere. authors: as the authors' code (conette
+    retrieve.scale_losses): the n captions tied at an audio's smallest s (in caption id
+    order) get s + (p[j] - n) * 1e-5, with p the argsort of their losses used as if it held
+    ranks, which puts another caption first when 3 or more tie; other ties as the paper.
+    For comparing with their published A2T numbers; reindex refuses such an index.
+    docs/operations.md section 7."""
+    dcase_export: bool = True
+    """Write dcase_t2a.csv, the DCASE task 6b submission (caption, fname_1..fname_10: each
+    caption's top-10 audio file names by T2A); skipped, with the reason in metrics.json, when
+    k < 10, the index has fewer than 10 audios, or the audios' file names repeat."""
     plots: bool = True
     actors: ActorConfig = field(default_factory=ActorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -260,7 +278,9 @@ class CaptionConfig:
     """
 
     checkpoint: str = "runs/demo/train_decoder"
-    """A train_decoder output or a checkpoint folder."""
+    """A train_decoder output, a checkpoint folder, or a CoNeTTE model folder."""
+    task: str = "clotho"
+    """As ScoreConfig.task: a CoNeTTE folder's task token (an aacray checkpoint has none)."""
     audio: str = "runs/demo/extract_embeddings"
     """The audios to caption: an extract_embeddings output."""
     subsets: list[str] | None = None
@@ -316,6 +336,9 @@ class PerturbConfig:
     """`jobs/perturb.py`: Before-After / seq2sup / sup2seq / Invert tests (paper 5, Tables 4-5)."""
 
     checkpoint: str = "runs/demo/train_decoder"
+    """A train_decoder output, a checkpoint folder, or a CoNeTTE model folder."""
+    task: str = "clotho"
+    """As ScoreConfig.task: a CoNeTTE folder's task token (an aacray checkpoint has none)."""
     audio: str = "runs/demo/extract_embeddings"
     """The audios: an extract_embeddings output."""
     audio_subsets: list[str] | None = None

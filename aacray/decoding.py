@@ -7,8 +7,8 @@ Choices worth knowing:
   is forbidden for the first `min_len` tokens; with `forbid_repeats`, a token already in
   the hypothesis (bos included) may not come again unless it is a stopword (conette's
   "content words" mask: every token but the stopwords, specials included); with
-  `ban_specials` (aacray's addition), pad, bos and unk are never generated. conette can
-  emit them; a trained model gives them almost no probability, and `ban_specials=False`
+  `ban_specials` (aacray's addition), pad, bos, unk and the task tokens of a CoNeTTE
+  vocabulary (`WordTokenizer.special_ids`) are never generated. conette can emit them; a trained model gives them almost no probability, and `ban_specials=False`
   is conette's search exactly. If every token is forbidden, eos is allowed (conette would
   get NaN).
 - Each audio has `beam_size` slots. Hypotheses are ranked by their summed log-probs; at
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from aacray.decoder import CaptionDecoder
-from aacray.text import STOPWORDS, WordTokenizer
+from aacray.text import WordTokenizer
 
 
 class Generated(NamedTuple):
@@ -49,9 +49,10 @@ class Generated(NamedTuple):
     for `pair_loss` or `WordTokenizer.decode`."""
 
 
-def content_word_mask(tokenizer: WordTokenizer, stopwords: Iterable[str] = STOPWORDS) -> Tensor:
-    """(V,) bool: True for tokens that may not repeat: all but the stopwords (as conette)."""
-    stop = frozenset(stopwords)
+def content_word_mask(tokenizer: WordTokenizer, stopwords: Iterable[str] | None = None) -> Tensor:
+    """(V,) bool: True for tokens that may not repeat: all but the stopwords (as conette).
+    stopwords None: the tokenizer's own (NLTK's list; a CoNeTTE folder's, from its mask)."""
+    stop = tokenizer.stopwords if stopwords is None else frozenset(stopwords)
     return torch.tensor([w not in stop for w in tokenizer.itos], dtype=torch.bool)
 
 
@@ -64,13 +65,14 @@ def beam_search(
     min_len: int = 3,
     max_len: int = 20,
     forbid_repeats: bool = True,
-    stopwords: Iterable[str] = STOPWORDS,
+    stopwords: Iterable[str] | None = None,
     ban_specials: bool = True,
 ) -> list[Generated]:
     """Caption each audio. frames (B, S, E), frame_pad_mask (B, S) or None -> B results.
 
     min_len: eos is forbidden for the first min_len tokens (at least min_len words);
-    max_len: most generated tokens, eos included. Runs in eval mode (the model's mode is
+    max_len: most generated tokens, eos included. stopwords: the words that may repeat
+    (None: the tokenizer's, `content_word_mask`). Runs in eval mode (the model's mode is
     restored afterwards) under torch.inference_mode.
     """
     assert frames.ndim == 3, f"{frames.shape=}"
@@ -90,7 +92,7 @@ def beam_search(
 
     banned = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
     if ban_specials:
-        banned[[tokenizer.pad_id, tokenizer.bos_id, tokenizer.unk_id]] = True
+        banned[list(tokenizer.special_ids)] = True
     rules = _Rules(
         tokenizer.eos_id,
         min_len,

@@ -85,6 +85,7 @@ class EmbeddingSet:
     audio_ids: list[str]
     subsets: list[str]
     frames: list[np.ndarray]  # each (S_i, 768) float32
+    sources: list[str | None] | None = None  # each audio's file URI (the table's `source`)
 
     def index(self) -> dict[str, int]:
         return {a: i for i, a in enumerate(self.audio_ids)}
@@ -94,6 +95,7 @@ class EmbeddingSet:
             [self.audio_ids[i] for i in keep],
             [self.subsets[i] for i in keep],
             [self.frames[i] for i in keep],
+            None if self.sources is None else [self.sources[i] for i in keep],
         )
 
 
@@ -152,8 +154,9 @@ def read_embeddings(uri: str, subsets: list[str] | None = None) -> EmbeddingSet:
     frames = []
     for chunk in col.chunks:
         frames.extend(_chunk_frames(chunk, width))
+    sources = table.column("source").to_pylist() if "source" in table.column_names else None
     return EmbeddingSet(
-        table.column("audio_id").to_pylist(), table.column("subset").to_pylist(), frames
+        table.column("audio_id").to_pylist(), table.column("subset").to_pylist(), frames, sources
     )
 
 

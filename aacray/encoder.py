@@ -41,10 +41,13 @@ import math
 import pickle
 
 import fsspec
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
+
+from aacray import conette_model
 
 log = logging.getLogger("aacray.encoder")
 
@@ -307,8 +310,9 @@ def load_encoder(
     """The frozen ConvNeXt-Tiny encoder (eval mode, no gradients) and its provenance.
 
     checkpoint: a local path or URI (s3://...) of the authors' state dict (under "model",
-    or bare), loaded with strict key matching; None gives a seeded random init and a
-    warning. Provenance: {"encoder", "checkpoint", "random_init", "sha256", "seed"}.
+    or bare), or a CoNeTTE model folder (its `preprocessor.encoder.*` weights,
+    aacray/conette_model.py), loaded with strict key matching; None gives a seeded random
+    init and a warning. Provenance: {"encoder", "checkpoint", "random_init", "sha256", "seed"}.
     """
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
         torch.manual_seed(seed)
@@ -322,6 +326,10 @@ def load_encoder(
             seed,
         )
         provenance |= {"random_init": True, "seed": seed}
+    elif conette_model.is_folder(checkpoint):  # the ConvNeXt inside a CoNeTTE model folder
+        sha256 = conette_model.load_encoder_weights(model, checkpoint)
+        log.info("loaded ConvNeXt-Tiny encoder from the CoNeTTE folder %s (sha256 %s)", checkpoint, sha256)
+        provenance |= {"random_init": False, "sha256": sha256, "seed": None}
     else:
         state, sha256 = _read_state_dict(checkpoint)
         try:
@@ -359,3 +367,20 @@ def build_encoder(
         }
         return _freeze(LogmelPoolEncoder(), device), provenance
     raise ValueError(f"unknown encoder {name!r}; choices: {', '.join(ENCODERS)}")
+
+
+def encode_logmels(model: nn.Module, logmels: list[np.ndarray], device: str | torch.device = "cpu") -> list[np.ndarray]:
+    """Log-mels [(T_i, 224)] -> frame embeddings [(S_i, 768)] float32, in order. Clips of
+    equal length share a forward; none is padded, so batching never changes a result.
+    The one audio -> frames step of extract_embeddings and aacray.api."""
+    by_len: dict[int, list[int]] = {}
+    for i, x in enumerate(logmels):
+        by_len.setdefault(x.shape[0], []).append(i)
+    out: list[np.ndarray] = [np.empty(0)] * len(logmels)
+    with torch.inference_mode():
+        for idx in by_len.values():
+            x = torch.from_numpy(np.stack([np.asarray(logmels[i], np.float32) for i in idx])).to(device)
+            emb = model(x).float().cpu().numpy()  # (B, 768, S)
+            for j, i in enumerate(idx):
+                out[i] = emb[j].T.copy()  # (S, 768)
+    return out

@@ -21,13 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from aacray import audio, stage, storage
 from aacray.config import ActorConfig, ExtractConfig
 from aacray.corpora import AudioItem, list_items
 from aacray.embeddings import CAPTION_SCHEMA, embedding_schema, embedding_table
-from aacray.encoder import build_encoder
+from aacray.encoder import build_encoder, encode_logmels
 from aacray.runtime import init_ray
 
 log = logging.getLogger("aacray.extract")
@@ -84,21 +83,11 @@ class EncodeActor:
             ]
             key = hashlib.sha1("|".join(r["audio_id"] for r in records).encode()).hexdigest()[:16]
             storage.write_json(storage.join(self.output, QUARANTINE_DIR, f"{key}.json"), records)
-        frames: dict[int, np.ndarray] = {}
-        # equal-length clips share a forward pass: no padding, so batching never changes a result
-        by_len: dict[int, list[int]] = {}
-        for i in good:
-            by_len.setdefault(batch["logmel"][i].shape[0], []).append(i)
-        with torch.inference_mode():
-            for idx in by_len.values():
-                x = torch.from_numpy(np.stack([batch["logmel"][i] for i in idx])).to(self.device)
-                emb = self.model(x).float().cpu().numpy()  # (B, 768, S)
-                for j, i in enumerate(idx):
-                    frames[i] = emb[j].T.copy()  # (S, 768)
+        frames = encode_logmels(self.model, [batch["logmel"][i] for i in good], self.device)
         return embedding_table(
             [str(batch["audio_id"][i]) for i in good],
             [str(batch["subset"][i]) for i in good],
-            [frames[i] for i in good],
+            frames,
             [str(batch["uri"][i]) for i in good],
             [int(batch["sample_rate"][i]) for i in good],
             self.dtype,

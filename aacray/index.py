@@ -44,7 +44,7 @@ class Index:
     manifest: dict
     info: dict
     """manifest extra "index": checkpoint, model_sha, k, pairs_per_batch, precision,
-    base_audio / base_captions {uri, subsets}, applied_runs, minmax_sample."""
+    base_audio / base_captions {uri, subsets}, applied_runs, minmax_sample, minmax_ties."""
     audio_ids: list[str] = field(default_factory=list)
     """Index order: the base source's, then added audios in the order they came."""
     max_frames: int = 0
@@ -105,6 +105,7 @@ def index_info(uri: str, manifest: dict) -> dict:
         "base_digests": None,
         "applied_runs": [],
         "minmax_sample": None,
+        "minmax_ties": cfg.minmax_ties,
     }
 
 

@@ -291,7 +291,7 @@ class PerturbActor:
 
     def __init__(self, cfg_dict: dict):
         cfg = from_dict(PerturbConfig, cfg_dict)
-        device, model, tok, _ = stage.actor_setup(cfg.actors, cfg.checkpoint)
+        device, model, tok, _ = stage.actor_setup(cfg.actors, cfg.checkpoint, cfg.task)
         audio = read_embeddings(cfg.audio, cfg.audio_subsets)
         self.pos = audio.index()
         self.scorer = PairScorer(model, tok.pad_id, audio.frames, device, cfg.scorer.precision, cfg.scorer.pairs_per_batch)
@@ -378,7 +378,7 @@ def actor_memory(cfg: PerturbConfig, audio: EmbeddingSet, model: CaptionDecoder)
 def plan_perturb(cfg: PerturbConfig) -> PerturbPlan:
     """Inputs checked (score_matrix's checks), perturbations built, pairs deduplicated;
     raises BadInputError naming the bad items before anything runs."""
-    model, tok, info = ckpt_lib.load(cfg.checkpoint)
+    model, tok, info = ckpt_lib.load(cfg.checkpoint, task=cfg.task)
     audio = read_embeddings(cfg.audio, cfg.audio_subsets)
     cids, texts, gts, bad = check_inputs(
         audio,

@@ -285,6 +285,8 @@ class ScoreJob:
     scores_uri: str | None
     """Where units write their scores shards (None: the index keeps no scores table)."""
     actors: ActorConfig
+    task: str = "clotho"
+    """The CoNeTTE task token the index was scored with (aacray checkpoints: the default)."""
 
 
 def _unit_file(prefix: str, kind: str, cids: list[str]) -> str:
@@ -383,7 +385,7 @@ class UnitScorer:
 
 def unit_scorer(job: ScoreJob, actors: ActorConfig) -> UnitScorer:
     """An actor's set-up (device, threads, checkpoint), in an actor or in the driver."""
-    device, model, tok, _ = stage.actor_setup(actors, job.checkpoint)
+    device, model, tok, _ = stage.actor_setup(actors, job.checkpoint, job.task)
     return UnitScorer(job, model, tok.pad_id, device)
 
 
@@ -556,13 +558,18 @@ def _plan(cfg: ReindexConfig, index: Index, model: Model, new: NewData, run_key:
                 index.info.get("refine_margin") or REFINE_MARGIN, sample, units, n_pairs)
 
 
+def index_task(info: dict) -> str:
+    """The task token an index was scored with: a CoNeTTE folder's, recorded by score_matrix."""
+    return (info.get("checkpoint_info") or {}).get("task", "clotho")
+
+
 def _check_model(index: Index) -> Model:
     """The index's checkpoint, refused when it is not the one that scored the index."""
     from aacray import checkpoint as ckpt_lib
 
     info = index.info
-    model, tok, ck_info = ckpt_lib.load(info["checkpoint"])
-    sha = hashlib.sha256(storage.read_bytes(storage.join(ckpt_lib.resolve(info["checkpoint"]), "model.pt"))).hexdigest()[:16]
+    model, tok, ck_info = ckpt_lib.load(info["checkpoint"], task=index_task(info))
+    sha = hashlib.sha256(storage.read_bytes(ckpt_lib.weights_path(info["checkpoint"]))).hexdigest()[:16]
     was = info.get("checkpoint_info") or {}
     same = all(was.get(key) == ck_info.get(key) for key in ("epoch", "tokenizer_sha", "vocab_size"))
     if not same or (info.get("model_sha") and info["model_sha"] != sha):
@@ -574,8 +581,15 @@ def _check_model(index: Index) -> Model:
 
 
 def _check_new(index: Index, new: NewData, all_ids: list[str], has_scores: bool) -> None:
-    """Refuse what the index cannot take: audios without a scores table or on a
-    bf16-refined index, captions whose ground-truth audio is not indexed."""
+    """Refuse what the index cannot take: an index ranked by the authors' tie rule, audios
+    without a scores table or on a bf16-refined index, captions whose ground-truth audio is
+    not indexed."""
+    if index.info.get("minmax_ties", "paper") != "paper":
+        raise BadInputError(
+            f"{index.uri} was scored with minmax_ties: {index.info['minmax_ties']}, whose min-max A2T lists "
+            "reindex cannot update (it merges lists by the paper's tie rule). Re-run score_matrix over the "
+            "union of captions and audios, or score the index with minmax_ties: paper to reindex it."
+        )
     if new.d_n and not has_scores:
         raise BadInputError(
             f"{index.uri} (version {index.version}) has no scores table, and adding audios moves the min/max of "
@@ -683,6 +697,7 @@ def _score(plan: Plan, tables: dict[str, dict]) -> list[UnitResult]:
         audio_ids=plan.all_ids, new_audio_ids=plan.new.audio_ids, has_cap_units=bool(plan.new.d_m),
         minmax_sample_ids=plan.sample["audio_ids"] if (plan.estimate and plan.new.d_m) else None,
         scores_uri=storage.join(cfg.output, "scores_added") if plan.has_scores else None, actors=cfg.actors,
+        task=index_task(info),
     )
     if plan.inline:
         results = _score_inline(plan.units, job)

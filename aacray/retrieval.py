@@ -1,4 +1,5 @@
-"""Retrieval from captioning losses: ranking rules, streaming top-k, Recall@k and mAP@10.
+"""Retrieval from captioning losses: ranking rules, streaming top-k, Recall@k, mAP@10 and
+the DCASE task 6b submission file.
 
 Every audio x caption pair has a loss L[a, c], lower = better match (DESIGN.md "Retrieval
 rules"). Shapes: N audios of the index, M captions, m captions of one block, Q queries, C
@@ -10,6 +11,11 @@ the ranking's own letters).
 - A2T min-max: s(a, c) = (L[a, c] - min_c) / (max_c - min_c), min/max over all N audios
   (s = 0 where max_c == min_c); captions by s, then raw loss, then caption id. The scaling
   is `minmax_scale`, the only place it is written (refinement, plots and reindex call it).
+- A2T min-max, the authors' code (`minmax_ties="authors"`, `authors_tie_order`): the same
+  s, but the captions tied at an audio's smallest s are re-ordered as conette's
+  `retrieve.scale_losses` does (an argsort output used as ranks); other ties as above.
+- mAP@10 (`map_at_k`): one formula for T2A (one relevant audio) and A2T (every caption of
+  the audio relevant), as LAION-CLAP and WavCaps report it.
 
 Non-obvious choices:
 - One total order serves all three: (score, loss, candidate id) ascending, where score is
@@ -31,10 +37,16 @@ Non-obvious choices:
 - Fast path (`topk_*`): `np.partition` finds each query's K-th smallest score; every
   candidate at or below it (boundary ties included) goes to one `np.lexsort`. The
   `rank_*` functions fully sort every query and are the dense reference.
+- The authors' rule needs every caption tied at an audio's minimum, which can be more than
+  K: its candidate lists keep those too (`keep_min_ties`), which stays exact under merging
+  (the union's ties at its minimum are the parts' ties at that value), and one final
+  `authors_tie_order` re-orders them and cuts to K.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -47,6 +59,12 @@ T2A_COLUMNS = ("caption_id", "rank", "audio_id", "loss")
 A2T_COLUMNS = ("audio_id", "rank", "caption_id", "score", "loss")
 CAPTION_STATS_COLUMNS = ("caption_id", "loss_min", "loss_max", "n_audios")
 RECALL_KS = (1, 5, 10)
+MINMAX_TIES = ("paper", "authors")
+"""Min-max A2T tie rules: the paper's (s, loss, id), or the authors' code (`authors_tie_order`)."""
+AUTHORS_TIE_STEP = 1e-5  # conette's EPSILON in retrieve.scale_losses
+DCASE_TOP_N = 10
+DCASE_HEADER = ("caption", *(f"fname_{i}" for i in range(1, DCASE_TOP_N + 1)))
+"""The DCASE language-based audio retrieval submission's columns (task 6b, 2022-2024)."""
 MAP_DEPTH = 10
 # Metrics need each list this deep (or the full ranking when there are fewer candidates).
 METRICS_MIN_K = max(max(RECALL_KS), MAP_DEPTH)
@@ -202,24 +220,40 @@ def _sort_rows(q: np.ndarray, primary: np.ndarray, secondary: np.ndarray, cand: 
     return order[np.lexsort((key, ss, ps, qs))]
 
 
-def _select(q: np.ndarray, primary: np.ndarray, secondary: np.ndarray, cand: np.ndarray, k: int):
+def _group_pos(qs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(R,) sorted query keys -> (position of each row within its query's run, 0-based;
+    index of that run's first row), both (R,) int64."""
+    new_group = np.ones(qs.size, dtype=bool)
+    new_group[1:] = qs[1:] != qs[:-1]
+    starts = np.flatnonzero(new_group)
+    first = np.repeat(starts, np.diff(np.append(starts, qs.size)))
+    return np.arange(qs.size) - first, first
+
+
+def _select(q: np.ndarray, primary: np.ndarray, secondary: np.ndarray, cand: np.ndarray, k: int,
+            keep_min_ties: bool = False):
     """Rows (R,) of integer query keys, float keys and candidate keys (int or str) -> (indices
-    of the kept rows ordered by query then rank, their 1-based int32 ranks), <= k per query."""
+    of the kept rows ordered by query then rank, their 1-based int32 ranks), <= k per query;
+    keep_min_ties: also every row whose primary key equals its query's smallest."""
     order = _sort_rows(q, primary, secondary, cand)
     qs = q[order]
     if qs.size == 0:
         return order, np.empty(0, dtype=np.int32)
-    new_group = np.ones(qs.size, dtype=bool)
-    new_group[1:] = qs[1:] != qs[:-1]
-    starts = np.flatnonzero(new_group)
-    pos = np.arange(qs.size) - np.repeat(starts, np.diff(np.append(starts, qs.size)))
+    pos, first = _group_pos(qs)
     keep = pos < k
+    if keep_min_ties:  # the smallest primary key of a query is its first row's
+        ps = primary[order]
+        keep |= ps == ps[first]
     return order[keep], (pos[keep] + 1).astype(np.int32)
 
 
-def topk_select(query_ids: Any, cand_ids: Any, score: Any, loss: Any, k: int, kind: str) -> TopK:
+def topk_select(
+    query_ids: Any, cand_ids: Any, score: Any, loss: Any, k: int, kind: str, keep_min_ties: bool = False
+) -> TopK:
     """Flat candidate rows, all (R,): query_ids, cand_ids (str), score, loss (float) ->
     TopK of the K best candidates per query by (score, loss, cand id) ascending.
+    keep_min_ties: also keep every row tied at its query's smallest score (the candidates
+    `authors_tie_order` needs; their ranks run past K when more than K tie).
 
     For t2a / a2t_raw pass score = loss. A (query, candidate) pair kept twice raises
     ValueError (a block scored twice); 10k queries x 100 candidates take well under a second.
@@ -233,7 +267,7 @@ def topk_select(query_ids: Any, cand_ids: Any, score: Any, loss: Any, k: int, ki
     if kind in ("t2a", "a2t_raw") and not np.array_equal(score, loss):
         raise ValueError(f"{kind}: score must equal loss")
     q = np.unique(q_ids, return_inverse=True)[1].astype(np.int64)
-    idx, rank = _select(q, score, loss, c_ids, k)
+    idx, rank = _select(q, score, loss, c_ids, k, keep_min_ties)
     uc, c = np.unique(c_ids[idx], return_inverse=True)
     pair = np.sort(q[idx] * max(uc.size, 1) + c)
     if (pair[1:] == pair[:-1]).any():
@@ -241,12 +275,14 @@ def topk_select(query_ids: Any, cand_ids: Any, score: Any, loss: Any, k: int, ki
     return TopK(kind, q_ids[idx], rank, c_ids[idx], score[idx], loss[idx])
 
 
-def topk_merge(parts: Iterable[TopK | Any], k: int, kind: str | None = None) -> TopK:
+def topk_merge(parts: Iterable[TopK | Any], k: int, kind: str | None = None, keep_min_ties: bool = False) -> TopK:
     """Merge top-K tables of disjoint candidate sets (e.g. caption blocks for A2T, audio
     blocks for T2A) into the top-K of their union: exact, as the order is total.
 
     parts: TopK objects or contract tables (then `kind` is required). Queries may differ
     between parts (a query missing from a part simply has no candidates there).
+    keep_min_ties (parts made with it too): also exact, as the rows tied at a query's
+    smallest score over the union are the parts' rows tied at that score.
     """
     tables = [p if isinstance(p, TopK) else TopK.from_columns(p, _need_kind(kind)) for p in parts]
     kinds = {t.kind for t in tables} | ({kind} if kind else set())
@@ -259,7 +295,7 @@ def topk_merge(parts: Iterable[TopK | Any], k: int, kind: str | None = None) -> 
         f: np.concatenate([getattr(t, f) for t in tables])
         for f in ("query_id", "cand_id", "score", "loss")
     }
-    return topk_select(cat["query_id"], cat["cand_id"], cat["score"], cat["loss"], k, merged_kind)
+    return topk_select(cat["query_id"], cat["cand_id"], cat["score"], cat["loss"], k, merged_kind, keep_min_ties)
 
 
 def _need_kind(kind: str | None) -> str:
@@ -313,8 +349,9 @@ def _minmax_scores(L: np.ndarray, loss_min: Any, loss_max: Any) -> np.ndarray:
     return minmax_scale(L, mn, mx)
 
 
-def _dense_topk(kind, P, S, q_ids, c_ids, k) -> TopK:
-    """P primary, S secondary keys (Q, C); q_ids (Q,), c_ids (C,) -> TopK (fast path)."""
+def _dense_topk(kind, P, S, q_ids, c_ids, k, keep_min_ties: bool = False) -> TopK:
+    """P primary, S secondary keys (Q, C); q_ids (Q,), c_ids (C,) -> TopK (fast path).
+    The rows at or below the K-th smallest P hold every row tied at a query's minimum."""
     k = _check_k(k)
     n_q, n_c = P.shape
     if k < n_c:
@@ -323,7 +360,7 @@ def _dense_topk(kind, P, S, q_ids, c_ids, k) -> TopK:
     else:
         rows, cols = np.divmod(np.arange(n_q * n_c), n_c)
     p, s = P[rows, cols], S[rows, cols]
-    idx, rank = _select(_id_rank(q_ids)[rows], p, s, _id_rank(c_ids)[cols], k)
+    idx, rank = _select(_id_rank(q_ids)[rows], p, s, _id_rank(c_ids)[cols], k, keep_min_ties)
     return TopK(kind, q_ids[rows[idx]], rank, c_ids[cols[idx]], p[idx], s[idx])
 
 
@@ -378,13 +415,61 @@ def topk_a2t_raw(L: Any, audio_ids: Any, caption_ids: Any, k: int) -> TopK:
 
 
 def topk_a2t_minmax(
-    L: Any, audio_ids: Any, caption_ids: Any, k: int, loss_min: Any = None, loss_max: Any = None
+    L: Any, audio_ids: Any, caption_ids: Any, k: int, loss_min: Any = None, loss_max: Any = None,
+    keep_min_ties: bool = False,
 ) -> TopK:
     """Min-max A2T candidates of one block. L (N, m); loss_min / loss_max (m,) per caption
     over ALL audios of the index, computed from L when omitted (L holds all audios) -> TopK per
-    audio over the block's captions; merge over caption blocks with `topk_merge`."""
+    audio over the block's captions; merge over caption blocks with `topk_merge` (with the
+    same keep_min_ties: see `topk_select`)."""
     L, a_ids, c_ids = _as_losses(L, audio_ids, caption_ids)
-    return _dense_topk("a2t_minmax", _minmax_scores(L, loss_min, loss_max), L, a_ids, c_ids, k)
+    S = _minmax_scores(L, loss_min, loss_max)
+    return _dense_topk("a2t_minmax", S, L, a_ids, c_ids, k, keep_min_ties)
+
+
+# ----------------------------------------------------------------------------- the authors' tie rule
+
+
+def check_minmax_ties(minmax_ties: str) -> str:
+    if minmax_ties not in MINMAX_TIES:
+        raise ValueError(f"minmax_ties must be one of {MINMAX_TIES}, got {minmax_ties!r}")
+    return minmax_ties
+
+
+def authors_tie_order(cands: TopK, k: int) -> TopK:
+    """Min-max A2T candidates holding, per audio, its top K by (s, loss, caption id) and
+    every caption tied at its smallest s (`topk_a2t_minmax(..., keep_min_ties=True)`, merged
+    with `topk_merge(..., keep_min_ties=True)`) -> the final top-K under the authors' rule
+    (ScoreConfig.minmax_ties "authors", conette's `retrieve.scale_losses`).
+
+    Per audio, the tie set T (its captions at the smallest s, n of them, in column order =
+    ascending caption id) gets the scores min + (p - n) * 1e-5, where p = argsort of T's raw
+    losses (stable: equal losses keep caption id order) is used as if it held ranks. So the
+    caption in column j of T lands at position p[j] of T, which is its loss rank only when
+    n <= 2. Those scores are distinct and below every other caption's; the rest of the list
+    keeps the paper's (s, loss, caption id) order. The `score` column then holds these
+    adjusted scores (the authors' sort key)."""
+    k = _check_k(k)
+    if cands.kind != "a2t_minmax":
+        raise ValueError(f"the authors' tie rule re-orders a2t_minmax lists, got {cands.kind}")
+    if len(cands) == 0:
+        return cands
+    q = np.unique(cands.query_id, return_inverse=True)[1]
+    row_min = np.full(int(q.max()) + 1, np.inf)
+    np.minimum.at(row_min, q, cands.score)
+    tied = np.flatnonzero(cands.score == row_min[q])
+    tq = q[tied]
+    cand_key = np.unique(cands.cand_id[tied], return_inverse=True)[1]  # code point order
+    by_id = tied[np.lexsort((cand_key, tq))]  # T of each audio in column order
+    by_loss = tied[np.lexsort((cand_key, cands.loss[tied], tq))]  # T by stable loss argsort
+    pos, _ = _group_pos(q[by_id])
+    n = np.bincount(q[by_id])[q[by_id]]
+    column = np.empty(cands.score.size, dtype=np.int64)
+    column[by_id] = pos
+    # the j-th caption of T in column order gets argsort(losses)[j], i.e. by_loss's j-th column
+    score = cands.score.copy()
+    score[by_id] = row_min[q[by_id]] + (column[by_loss] - n) * AUTHORS_TIE_STEP
+    return topk_select(cands.query_id, cands.cand_id, score, cands.loss, k, "a2t_minmax")
 
 
 # ----------------------------------------------------------------------------- caption stats
@@ -462,7 +547,9 @@ def merge_caption_stats(a: CaptionStats, b: CaptionStats) -> CaptionStats:
 @dataclass(frozen=True, eq=False)
 class BlockResult:
     """What one block (all N audios x m captions) contributes: final stats and T2A lists of
-    its m captions, and per-audio A2T candidates to merge across blocks."""
+    its m captions, and per-audio A2T candidates to merge across blocks. With minmax_ties
+    "authors", a2t_minmax also holds every caption tied at an audio's smallest s, and the
+    merged candidates go through `authors_tie_order` once at the end."""
 
     stats: CaptionStats
     t2a: TopK
@@ -470,20 +557,22 @@ class BlockResult:
     a2t_minmax: TopK
 
 
-def score_block(L: Any, audio_ids: Any, caption_ids: Any, k: int) -> BlockResult:
-    """L (N, m) losses of ALL N audios of the index x a block of m captions -> BlockResult."""
+def score_block(L: Any, audio_ids: Any, caption_ids: Any, k: int, minmax_ties: str = "paper") -> BlockResult:
+    """L (N, m) losses of ALL N audios of the index x a block of m captions -> BlockResult.
+    minmax_ties: "paper", or "authors" (a2t_minmax then holds `authors_tie_order`'s candidates)."""
     stats = caption_stats(L, caption_ids)
+    ties = check_minmax_ties(minmax_ties) == "authors"
     return BlockResult(
         stats=stats,
         t2a=topk_t2a(L, audio_ids, caption_ids, k),
         a2t_raw=topk_a2t_raw(L, audio_ids, caption_ids, k),
-        a2t_minmax=topk_a2t_minmax(L, audio_ids, caption_ids, k, stats.loss_min, stats.loss_max),
+        a2t_minmax=topk_a2t_minmax(L, audio_ids, caption_ids, k, stats.loss_min, stats.loss_max, ties),
     )
 
 
-def merge_blocks(blocks: Iterable[BlockResult], k: int) -> BlockResult:
+def merge_blocks(blocks: Iterable[BlockResult], k: int, minmax_ties: str = "paper") -> BlockResult:
     """Block results over disjoint caption sets -> the result for all their captions
-    (equal to `score_block` on the concatenated matrix)."""
+    (equal to `score_block` on the concatenated matrix, with the same minmax_ties)."""
     blocks = list(blocks)
     if not blocks:
         raise ValueError("no blocks to merge")
@@ -492,38 +581,65 @@ def merge_blocks(blocks: Iterable[BlockResult], k: int) -> BlockResult:
         stats = merge_caption_stats(stats, b.stats)
     if stats.caption_id.size != sum(b.stats.caption_id.size for b in blocks):
         raise ValueError("caption blocks overlap")
+    ties = check_minmax_ties(minmax_ties) == "authors"
     return BlockResult(
         stats=stats,
         t2a=topk_merge([b.t2a for b in blocks], k),
         a2t_raw=topk_merge([b.a2t_raw for b in blocks], k),
-        a2t_minmax=topk_merge([b.a2t_minmax for b in blocks], k),
+        a2t_minmax=topk_merge([b.a2t_minmax for b in blocks], k, keep_min_ties=ties),
     )
 
 
 # ----------------------------------------------------------------------------- metrics
 
 
-def hit_ranks(topk: TopK, relevant: Mapping[str, Collection[str]]) -> np.ndarray:
-    """Queries of `relevant` in sorted id order -> (Q,) int64 best rank of a relevant candidate
-    in `topk`, 0 when none is listed. Every query must have rows in `topk`."""
+@dataclass(frozen=True, eq=False)
+class Hits:
+    """Where the relevant candidates of each query sit in a top-k table. queries (Q,) sorted
+    ids, n_relevant (Q,) int64 relevant candidates per query (listed or not); per listed
+    relevant row, (H,) sorted by query then rank: query (index into queries), rank (1-based)."""
+
+    queries: np.ndarray
+    n_relevant: np.ndarray
+    query: np.ndarray
+    rank: np.ndarray
+
+    def best(self) -> np.ndarray:
+        """(Q,) int64 best rank of a relevant candidate per query, 0 when none is listed."""
+        best = np.zeros(self.queries.size, dtype=np.int64)
+        pos, _ = _group_pos(self.query)
+        best[self.query[pos == 0]] = self.rank[pos == 0]
+        return best
+
+
+def find_hits(topk: TopK, relevant: Mapping[str, Collection[str]]) -> Hits:
+    """Queries of `relevant` (query id -> its relevant candidate ids) -> their `Hits` in
+    `topk`. Every query must have rows in `topk`."""
     queries = _as_ids(sorted(relevant), "queries")
+    n_rel = np.array([len(set(relevant[q])) for q in queries.tolist()], dtype=np.int64)
     if queries.size == 0:
-        return np.zeros(0, dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int64)
+        return Hits(queries, n_rel, empty, empty)
     listed = np.isin(queries, topk.query_id)
     if not listed.all():
         raise ValueError(f"query {queries[~listed][0]!r} has no rows in the {topk.kind} table")
-    rel_q = np.repeat(queries, [len(relevant[q]) for q in queries.tolist()])
-    rel_c = _as_ids([c for q in queries.tolist() for c in relevant[q]], "relevant candidates")
+    rel_q = np.repeat(queries, n_rel)
+    rel_c = _as_ids([c for q in queries.tolist() for c in sorted(set(relevant[q]))], "relevant candidates")
     n_rows = len(topk)
     uq, qi = np.unique(np.concatenate([topk.query_id, rel_q]), return_inverse=True)
     uc, ci = np.unique(np.concatenate([topk.cand_id, rel_c]), return_inverse=True)
     code = qi.astype(np.int64) * uc.size + ci
-    hit = np.isin(code[:n_rows], code[n_rows:])
-    best = np.full(uq.size, np.iinfo(np.int64).max)
-    np.minimum.at(best, qi[:n_rows][hit], topk.rank[hit].astype(np.int64))
-    ranks = best[np.searchsorted(uq, queries)]
-    ranks[ranks == np.iinfo(np.int64).max] = 0
-    return ranks
+    hit = np.isin(code[:n_rows], code[n_rows:])  # a hit row's query is one of `queries`
+    query = np.searchsorted(queries, topk.query_id[hit])
+    rank = topk.rank[hit].astype(np.int64)
+    order = np.lexsort((rank, query))
+    return Hits(queries, n_rel, query[order], rank[order])
+
+
+def hit_ranks(topk: TopK, relevant: Mapping[str, Collection[str]]) -> np.ndarray:
+    """Queries of `relevant` in sorted id order -> (Q,) int64 best rank of a relevant candidate
+    in `topk`, 0 when none is listed. Every query must have rows in `topk`."""
+    return find_hits(topk, relevant).best()
 
 
 def recall_at_k(ranks: np.ndarray, k: int) -> float | None:
@@ -533,14 +649,19 @@ def recall_at_k(ranks: np.ndarray, k: int) -> float | None:
     return float(np.mean((ranks >= 1) & (ranks <= k))) if ranks.size else None
 
 
-def map_at_10(ranks: np.ndarray) -> float | None:
-    """(Q,) rank of each query's single relevant item (0 = miss) -> mAP@10 = mean of 1/rank,
-    0 past rank 10 (DCASE task 6b, one relevant audio per caption); None if Q = 0."""
-    ranks = np.asarray(ranks)
-    if ranks.size == 0:
+def map_at_k(hits: Hits, depth: int = MAP_DEPTH) -> float | None:
+    """mAP@depth as LAION-CLAP, WavCaps and DCASE task 6b compute it, for T2A and A2T alike:
+    per query with R relevant candidates whose listed ranks within the top `depth` are
+    r_1 < r_2 < ..., AP = (1/R) * sum_j j / r_j (0 with none listed); the mean over queries.
+    With one relevant candidate (T2A: a caption's audio) AP is 1/rank. None if Q = 0."""
+    depth = _check_k(depth)
+    if hits.queries.size == 0:
         return None
-    inside = (ranks >= 1) & (ranks <= MAP_DEPTH)
-    return float(np.mean(np.where(inside, 1.0 / np.maximum(ranks, 1), 0.0)))
+    pos, _ = _group_pos(hits.query)  # hits are sorted by (query, rank): j - 1
+    inside = hits.rank <= depth
+    precision = np.where(inside, (pos + 1) / np.maximum(hits.rank, 1), 0.0)
+    ap = np.bincount(hits.query, weights=precision, minlength=hits.queries.size)
+    return float(np.mean(ap / np.maximum(hits.n_relevant, 1)))
 
 
 def _as_topk(table: Any, kind: str) -> TopK:
@@ -567,12 +688,13 @@ def retrieval_metrics(
     topk_a2t_minmax: Any,
     gt_caption_to_audio: Mapping[str, str | None],
 ) -> dict[str, dict[str, float | int | None]]:
-    """Recall@1/5/10 (and mAP@10 for T2A) from the three top-k tables of one whole index.
+    """Recall@1/5/10 and mAP@10 (`map_at_k`) from the three top-k tables of one whole index.
 
     Tables: TopK or contract columns. The index is read off them: every caption is a T2A
     query, every audio an A2T query. gt_caption_to_audio: caption id -> its audio id, or
     None (or NaN) for external captions. T2A queries: captions with an audio; A2T queries:
-    audios with >= 1 caption, a hit being any of them. Each sub-dict also has n_queries;
+    audios with >= 1 caption, a hit being any of them (A2T mAP@10: all of them are
+    relevant, 5 per Clotho audio, as LAION-CLAP and WavCaps count). Each sub-dict also has n_queries;
     metrics of zero queries are None. Raises ValueError on lists shallower than 10 (unless
     they hold every candidate) and on ground truth naming ids outside the index.
     """
@@ -598,15 +720,52 @@ def retrieval_metrics(
         t2a_rel[caption] = {audio}
         a2t_rel[audio].add(caption)
 
-    def block(ranks: np.ndarray, with_map: bool) -> dict[str, float | int | None]:
+    def block(hits: Hits) -> dict[str, float | int | None]:
+        ranks = hits.best()
         out: dict[str, float | int | None] = {f"R@{k}": recall_at_k(ranks, k) for k in RECALL_KS}
-        if with_map:
-            out[f"mAP@{MAP_DEPTH}"] = map_at_10(ranks)
+        out[f"mAP@{MAP_DEPTH}"] = map_at_k(hits)
         out["n_queries"] = int(ranks.size)
         return out
 
     return {
-        "t2a": block(hit_ranks(t2a, t2a_rel), with_map=True),
-        "a2t_raw": block(hit_ranks(raw, a2t_rel), with_map=False),
-        "a2t_minmax": block(hit_ranks(mm, a2t_rel), with_map=False),
+        "t2a": block(find_hits(t2a, t2a_rel)),
+        "a2t_raw": block(find_hits(raw, a2t_rel)),
+        "a2t_minmax": block(find_hits(mm, a2t_rel)),
     }
+
+
+# ----------------------------------------------------------------------------- DCASE export
+
+
+def dcase_task6b_csv(t2a: TopK, caption_ids: Any, texts: Any, file_names: Mapping[str, str]) -> str:
+    """The DCASE language-based audio retrieval submission (task 6b, 2022-2024) of a T2A
+    table: header `caption,fname_1,...,fname_10`, then one row per caption query in the order
+    of caption_ids (M,): its text (M,) and the file names of its top 10 audios by T2A
+    (file_names: audio id -> file name). Written by Python's csv module with its defaults
+    (minimal quoting, CRLF line ends), as conette's `export_to_dcase_task6b_csv` writes it.
+    Raises ValueError when a caption lists fewer than 10 audios (k < 10, or fewer audios)."""
+    c_ids = _as_unique_ids(caption_ids, "caption_ids")
+    texts = list(texts)
+    if len(texts) != c_ids.size:
+        raise ValueError(f"{c_ids.size} caption ids but {len(texts)} texts")
+    top = t2a.rank <= DCASE_TOP_N
+    q, cand, rank = t2a.query_id[top], t2a.cand_id[top], t2a.rank[top]
+    order = np.lexsort((rank, q))
+    q, cand = q[order], cand[order]
+    uq, counts = np.unique(q, return_counts=True)
+    listed = np.isin(c_ids, uq)
+    pos = np.searchsorted(uq, c_ids)
+    short = ~listed
+    short[listed] = counts[pos[listed]] < DCASE_TOP_N
+    if short.any():
+        raise ValueError(
+            f"caption {c_ids[short][0]!r} lists fewer than {DCASE_TOP_N} audios: the DCASE task 6b format "
+            f"needs a top {DCASE_TOP_N} per caption (k >= {DCASE_TOP_N} and at least {DCASE_TOP_N} audios)"
+        )
+    starts = np.cumsum(counts) - counts
+    grid = cand[starts[pos][:, None] + np.arange(DCASE_TOP_N)]  # (M, 10) audio ids
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(DCASE_HEADER)
+    writer.writerows([text, *(file_names[a] for a in row)] for text, row in zip(texts, grid.tolist(), strict=True))
+    return out.getvalue()

@@ -8,15 +8,19 @@ Phases (the skeleton of aacray/stage.py), one function each:
 3. run (`_run_blocks`): every pending block x every audio on the actor pool (`ScoreActor`),
    one result file per block under `_blocks/`;
 4. reduce (`_reduce` -> `Reduced`): the blocks' stats, top-k lists and plot rows, merged;
-5. commit (`_commit`): tables, metrics.json, plots, the manifest last; `_blocks/` removed.
+5. commit (`_commit`): tables, metrics.json, plots, the DCASE task 6b submission
+   (`dcase_t2a.csv`), the manifest last; `_blocks/` removed.
 
 Blocks. The caption set is cut into blocks of `caption_block_size` captions; each block is
 scored against EVERY audio of the index by one actor of a Ray Data pool. So a block's
 per-caption min/max and text-to-audio top-k are final when it finishes, and only the
 per-audio audio-to-text candidates (raw and min-max) are merged across blocks, by the
-driver. The full N x M matrix never exists anywhere unless `write_scores` asks for it
-(each actor then writes its block's rows itself, `write_scores_block`). Shapes follow the
-legend of aacray/scorer.py: N audios, M captions, m of one block, S frames, D width.
+driver. With `minmax_ties: authors` the min-max candidates also keep every caption tied at
+an audio's smallest score, and the driver applies the authors' order once, after the merge
+(`retrieval.authors_tie_order`). The full N x M matrix never exists anywhere unless
+`write_scores` asks for it (each actor then writes its block's rows itself,
+`write_scores_block`). Shapes follow the legend of aacray/scorer.py: N audios, M captions,
+m of one block, S frames, D width.
 
 Resume. A block's result lands in `_blocks/` as it finishes; a rerun whose fingerprint
 (everything that shapes a block's result) matches skips the blocks already there.
@@ -31,8 +35,10 @@ Memory model: what one actor holds (`scorer.scorer_memory`; logged and checked a
   (the index twice, the cache 1.5 times fp32's);
 - the frames read at start-up (N x S x 768 float32) while the scorers are built, and one
   block of losses (N x caption_block_size) with the ranking's work arrays.
-The driver holds N x k and M x k top-k rows and M caption stats. Cost model: pairs x
-FLOPs per pair / device rate (README).
+The driver holds N x k and M x k top-k rows and M caption stats (with minmax_ties authors,
+also each audio's captions tied at its smallest min-max score: the captions it is the best
+audio for, M / N on average, plus every caption whose loss does not depend on the audio).
+Cost model: pairs x FLOPs per pair / device rate (README).
 
 Numerics (`scorer.precision`): fp32 by default; bf16 (the decoder layers' matmuls on bf16
 weight copies, the classifier and the loss in fp32; no autocast); bf16-refined
@@ -48,6 +54,7 @@ import io
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,9 +69,12 @@ from aacray.embeddings import read_captions, read_embeddings
 from aacray.errors import BadInputError
 from aacray.plots import plot_heatmap, plot_loss_curves
 from aacray.retrieval import (
+    DCASE_TOP_N,
     BlockResult,
     CaptionStats,
     TopK,
+    authors_tie_order,
+    dcase_task6b_csv,
     retrieval_metrics,
     score_block,
     topk_merge,
@@ -79,6 +89,7 @@ log = logging.getLogger("aacray.scoring")
 JOB = "score_matrix"
 TABLES = ["caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw"]
 BLOCKS = "_blocks"  # per-block results of an unfinished run (resume reads them)
+DCASE_FILE = "dcase_t2a.csv"  # the DCASE task 6b submission (`dcase_export`)
 # The scorer's numerics: recorded in metrics.json and part of the resume fingerprint, so a
 # run resumed after an upgrade that changes float rounding does not mix two scorers' blocks.
 # "fastdecode-1": aacray.scorer.FastDecoder (cached audio K/V, per-caption prefix, fixed CPU
@@ -132,6 +143,9 @@ class ScorePlan:
     caption_ids: list[str]
     tokens: list[list[int]]
     gt_of: dict[str, str | None]  # caption -> its audio (None: an external caption)
+    texts: list[str]  # caption texts, as given (the DCASE export's queries)
+    file_names: dict[str, str] | None  # audio -> file name for the DCASE export (None: none)
+    dcase_skip: str | None  # why the DCASE export is not written (None: it is)
     caps_of: dict[str, list[str]]  # audio -> its captions
     blocks: list[list[int]]  # caption positions of each block, cut from captions sorted by length
     probe_audios: list[str]  # the loss-curve figure's queries
@@ -155,7 +169,7 @@ class ScorePlan:
             repr(
                 (SCORER_VERSION, self.checkpoint_info, self.audio_ids, self.frame_shapes, self.caption_ids, self.tokens,
                  c.k, c.scorer.precision, c.scorer.pairs_per_batch, c.caption_block_size, c.write_scores,
-                 self.probe_audios, self.corner_captions,
+                 self.probe_audios, self.corner_captions, c.minmax_ties,
                  c.scorer.refine_margin if c.scorer.precision == "bf16-refined" else None)
             ).encode()
         ).hexdigest()
@@ -163,8 +177,8 @@ class ScorePlan:
 
 def plan_score_matrix(cfg: ScoreConfig) -> ScorePlan:
     """Phase 1: read and check the inputs, cut the blocks, size one actor."""
-    model, tok, info = ckpt_lib.load(cfg.checkpoint)
-    audio, cids, tokens, gts, _ = load_inputs(
+    model, tok, info = ckpt_lib.load(cfg.checkpoint, task=cfg.task)
+    audio, cids, tokens, gts, texts = load_inputs(
         cfg.audio, cfg.audio_subsets, cfg.captions, cfg.caption_subsets, tok, model.cfg.max_len + 1
     )
     n, m = len(audio.audio_ids), len(cids)
@@ -182,12 +196,35 @@ def plan_score_matrix(cfg: ScoreConfig) -> ScorePlan:
         n, max(f.shape[0] for f in audio.frames), model.cfg, sum(p.numel() for p in model.parameters()),
         cfg.scorer.precision, min(bs, m), embed_width=audio.frames[0].shape[1],
     )
+    file_names, dcase_skip = dcase_file_names(cfg, audio.audio_ids, audio.sources)
     return ScorePlan(
         cfg=cfg, checkpoint_info=info, audio_ids=audio.audio_ids, frame_shapes=[f.shape for f in audio.frames],
-        caption_ids=cids, tokens=tokens, gt_of=dict(zip(cids, gts, strict=True)), caps_of=caps_of,
+        caption_ids=cids, tokens=tokens, gt_of=dict(zip(cids, gts, strict=True)), texts=list(texts),
+        file_names=file_names, dcase_skip=dcase_skip, caps_of=caps_of,
         blocks=[order[i : i + bs] for i in range(0, m, bs)], probe_audios=probe_audios,
         corner_audios=corner_audios, corner_captions=corner_captions, oov=oov, need=need,
     )
+
+
+def dcase_file_names(cfg: ScoreConfig, audio_ids: list[str], sources: list[str | None] | None):
+    """(audio id -> file name for the DCASE task 6b export, or None; why it is skipped, or
+    None). A file name is the last path part of the embedding's `source` (Clotho: the clip's
+    file name, which is also its audio_id). Skipped when off, when k or the index is below
+    the 10 the format lists, or when file names are missing or repeat."""
+    why = None
+    names = [str(x).rstrip("/").rsplit("/", 1)[-1] if x else "" for x in sources or [None] * len(audio_ids)]
+    repeated = sorted(x for x, count in Counter(names).items() if count > 1)
+    if not cfg.dcase_export:
+        why = "dcase_export is off"
+    elif cfg.k < DCASE_TOP_N or len(audio_ids) < DCASE_TOP_N:
+        why = f"the format lists {DCASE_TOP_N} audios per caption: needs k >= {DCASE_TOP_N} and >= {DCASE_TOP_N} audios (k={cfg.k}, {len(audio_ids)} audios)"
+    elif not all(names):
+        why = "some audios have no `source` file in the embeddings table"
+    elif repeated:
+        why = f"audio file names repeat across the index (e.g. {repeated[:3]}): a DCASE row could not name one audio"
+    if why:
+        return None, why
+    return dict(zip(audio_ids, names, strict=True)), None
 
 
 def _plot_queries(audio_ids: list[str], cids: list[str], caps_of: dict[str, list[str]]):
@@ -292,13 +329,13 @@ class ScoreActor:
 
     def __init__(self, cfg_dict: dict, probe_audios: list[str], corner_captions: list[str], fail_on_block: int | None = None):
         cfg = from_dict(ScoreConfig, cfg_dict)
-        device, model, tok, _ = actor_setup(cfg.actors, cfg.checkpoint)
+        device, model, tok, _ = actor_setup(cfg.actors, cfg.checkpoint, cfg.task)
         audio = read_embeddings(cfg.audio, cfg.audio_subsets)
         self.audio_ids = audio.audio_ids
         self.scorer = BlockScorer(
             model, tok.pad_id, audio.frames, device, cfg.scorer.precision, cfg.scorer.pairs_per_batch, cfg.scorer.refine_margin
         )
-        self.k = cfg.k
+        self.k, self.minmax_ties = cfg.k, cfg.minmax_ties
         self.scores_uri = storage.join(cfg.output, "scores") if cfg.write_scores else None
         pos = {a: i for i, a in enumerate(self.audio_ids)}
         self.probe_idx = [pos[a] for a in probe_audios]
@@ -326,7 +363,7 @@ class ScoreActor:
         """One block: losses (N, m) -> stats, top-k lists, plot rows (a one-row Parquet)."""
         t0 = time.time()
         L, refined = self.scorer.losses(tokens, self.k)  # (N, m)
-        res = score_block(L, self.audio_ids, cids, self.k)
+        res = score_block(L, self.audio_ids, cids, self.k, self.minmax_ties)
         if self.scores_uri:
             key = hashlib.sha1("\x00".join(cids).encode()).hexdigest()[:20]
             write_scores_block(self.scores_uri, f"block-{key}.parquet", self.audio_ids, cids, L)
@@ -399,20 +436,23 @@ def _run_blocks(plan: ScorePlan, run: Run, fail_on_block: int | None) -> None:
 
 
 class _A2TMerger:
-    """Running per-audio top-k: parts are merged when they pile up (amortised)."""
+    """Running per-audio top-k: parts are merged when they pile up (amortised). keep_min_ties:
+    the authors' rule's candidates (`topk_merge`), which may hold more than k rows an audio."""
 
-    def __init__(self, kind: str, k: int, n_audios: int):
-        self.kind, self.k, self.parts, self.rows, self.limit = kind, k, [], 0, max(4 * n_audios * k, 1 << 16)
+    def __init__(self, kind: str, k: int, n_audios: int, keep_min_ties: bool = False):
+        self.kind, self.k, self.keep_min_ties = kind, k, keep_min_ties
+        self.parts, self.rows, self.limit = [], 0, max(4 * n_audios * k, 1 << 16)
 
     def add(self, t: TopK) -> None:
         self.parts.append(t)
         self.rows += len(t)
         if self.rows > self.limit:
-            self.parts = [topk_merge(self.parts, self.k, self.kind)]
+            self.parts = [self.result()]
             self.rows = len(self.parts[0])
+            self.limit = max(self.limit, 2 * self.rows)  # many ties kept: merge less often
 
     def result(self) -> TopK:
-        return topk_merge(self.parts, self.k, self.kind)
+        return topk_merge(self.parts, self.k, self.kind, self.keep_min_ties)
 
 
 @dataclass
@@ -431,7 +471,8 @@ def _reduce(plan: ScorePlan, run: Run) -> Reduced:
     """Phase 4: read every block's result file (this run's and a resumed run's) and merge."""
     k, n = plan.cfg.k, plan.n_audios
     stats_parts, t2a_parts, probe_parts, corner_parts = [], [], [], []
-    raw, mm = _A2TMerger("a2t_raw", k, n), _A2TMerger("a2t_minmax", k, n)
+    authors = plan.cfg.minmax_ties == "authors"
+    raw, mm = _A2TMerger("a2t_raw", k, n), _A2TMerger("a2t_minmax", k, n, keep_min_ties=authors)
     n_pairs, rescored, max_rel_err = 0, 0, 0.0
     for i in range(len(plan.blocks)):
         fs, path = storage.get_fs(block_path(run.blocks_uri, i))
@@ -449,7 +490,8 @@ def _reduce(plan: ScorePlan, run: Run) -> Reduced:
     if n_pairs != n * plan.n_captions:
         raise RuntimeError(f"scored {n_pairs} pairs, expected {n} x {plan.n_captions} = {n * plan.n_captions}")
     stats = CaptionStats.from_columns(pa.concat_tables(stats_parts))
-    result = BlockResult(stats, topk_merge(t2a_parts, k, "t2a"), raw.result(), mm.result())
+    minmax = authors_tie_order(mm.result(), k) if authors else mm.result()
+    result = BlockResult(stats, topk_merge(t2a_parts, k, "t2a"), raw.result(), minmax)
     return Reduced(result, pa.concat_tables(probe_parts), pa.concat_tables(corner_parts), n_pairs, rescored, max_rel_err)
 
 
@@ -479,6 +521,8 @@ def _metrics(plan: ScorePlan, run: Run, red: Reduced, score_seconds: float) -> d
             "blocks": len(plan.blocks),
             "blocks_skipped_on_resume": len(run.done),
             "scorer": {"version": SCORER_VERSION, "precision": cfg.scorer.precision},
+            "minmax_ties": cfg.minmax_ties,
+            "dcase_t2a": DCASE_FILE if plan.dcase_skip is None else f"not written: {plan.dcase_skip}",
             "checkpoint": plan.checkpoint_info,
         }
     )
@@ -495,6 +539,11 @@ def _commit(plan: ScorePlan, run: Run, red: Reduced, metrics: dict) -> None:
     out.table("topk_a2t", pa.table(r.a2t_minmax.columns()))
     out.table("topk_a2t_raw", pa.table(r.a2t_raw.columns()))
     out.json("metrics.json", metrics)
+    if plan.file_names is not None:  # before the manifest, which names it
+        storage.write_text(out.path(DCASE_FILE), dcase_task6b_csv(r.t2a, plan.caption_ids, plan.texts, plan.file_names))
+    else:  # a previous run's file would describe other lists
+        log.info("score_matrix: %s not written: %s", DCASE_FILE, plan.dcase_skip)
+        storage.remove(out.path(DCASE_FILE))
     plots = []
     if plan.cfg.plots:
         plots.append(plot_loss_curves(out.uri, red.probe, plan.probe_audios, plan.caps_of, r.stats))
@@ -502,7 +551,8 @@ def _commit(plan: ScorePlan, run: Run, red: Reduced, metrics: dict) -> None:
     # the manifest lists `scores` too when the actors wrote it (not cleared on a resume)
     tables = out.tables + (["scores"] if plan.cfg.write_scores else [])
     dataclasses.replace(out, tables=tables).commit(
-        {"metrics": "metrics.json", "plots": plots, "blocks_skipped_on_resume": len(run.done)}
+        {"metrics": "metrics.json", "plots": plots, "dcase_t2a": DCASE_FILE if plan.file_names is not None else None,
+         "blocks_skipped_on_resume": len(run.done)}
     )
     storage.remove(run.blocks_uri)
 
@@ -537,18 +587,21 @@ def run_score_matrix(cfg: ScoreConfig, _fail_on_block: int | None = None) -> dic
 
 
 def format_table(metrics: dict) -> str:
-    """A table like the paper's Table 2 (R@1/5/10 for T2A and A2T, raw and min-max)."""
+    """A table like the paper's Table 2 (R@1/5/10 for T2A and A2T, raw and min-max), with
+    mAP@10 both ways and the min-max tie rule."""
 
     def f(v):
         return "  -  " if v is None else f"{v:.3f}"
 
-    t, r, mm = metrics["t2a"], metrics["a2t_raw"], metrics["a2t_minmax"]
+    def cells(m: dict | None) -> str:
+        return "  ".join(f(m[key]) if m else " " * 5 for key in ("R@1", "R@5", "R@10", "mAP@10"))
+
     lines = [
         f"Retrieval on {metrics['n_audios']} audios x {metrics['n_captions']} captions ({metrics['n_pairs']} pairs)",
-        "                 Text-to-audio              Audio-to-text",
-        "                 R@1    R@5    R@10  mAP@10 R@1    R@5    R@10",
-        f"raw loss         {f(t['R@1'])}  {f(t['R@5'])}  {f(t['R@10'])} {f(t['mAP@10'])}  {f(r['R@1'])}  {f(r['R@5'])}  {f(r['R@10'])}",
-        f"min-max (A2T)*   {'':5}  {'':5}  {'':5} {'':5}  {f(mm['R@1'])}  {f(mm['R@5'])}  {f(mm['R@10'])}",
-        "* captions' losses min-max scaled over the audio index (paper 4.2)",
+        "                 Text-to-audio               Audio-to-text",
+        "                 R@1    R@5    R@10   mAP@10 R@1    R@5    R@10   mAP@10",
+        f"raw loss         {cells(metrics['t2a'])}  {cells(metrics['a2t_raw'])}",
+        f"min-max (A2T)*   {cells(None)}  {cells(metrics['a2t_minmax'])}",
+        f"* captions' losses min-max scaled over the audio index (paper 4.2); ties: {metrics.get('minmax_ties', 'paper')}",
     ]
     return "\n".join(lines)

@@ -41,12 +41,13 @@ def actor_device(actors: ActorConfig) -> str:
     return "cpu"
 
 
-def actor_setup(actors: ActorConfig, checkpoint: str):
-    """(device, model, tokenizer, checkpoint info) for an actor's constructor."""
+def actor_setup(actors: ActorConfig, checkpoint: str, task: str = "clotho"):
+    """(device, model, tokenizer, checkpoint info) for an actor's constructor; task: a CoNeTTE
+    folder's task token (`checkpoint.load`)."""
     from aacray import checkpoint as ckpt_lib
 
     device = actor_device(actors)
-    model, tok, info = ckpt_lib.load(checkpoint, device)
+    model, tok, info = ckpt_lib.load(checkpoint, device, task)
     return device, model, tok, info
 
 

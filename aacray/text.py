@@ -51,6 +51,7 @@ from tokenizers.models import WordLevel
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
+BOS_ID = 1
 NORMALIZER_VERSION = 2
 """The normaliser of new vocabularies; a loaded tokenizer.json keeps its own."""
 NORMALIZER_VERSIONS = (1, 2)
@@ -318,15 +319,27 @@ def normalizer_version_of(tokenizer: Tokenizer) -> int:
     )
 
 
+def is_task_token(token: str) -> bool:
+    """A CoNeTTE task token (`<bos_clotho>`, `<bos_audiocaps>`, ...): a caption start, never a word."""
+    return token.startswith("<bos_") and token.endswith(">")
+
+
 class WordTokenizer:
-    """Word-level vocabulary with pad/bos/eos/unk = 0/1/2/3, backed by `tokenizers`."""
+    """Word-level vocabulary with pad/bos/eos/unk = 0/1/2/3, backed by `tokenizers`.
+
+    The token every caption starts with is the post-processor's (`bos_id`): `<bos>` for
+    aacray's vocabularies, a task token (`<bos_clotho>`, ...) for a CoNeTTE vocabulary loaded
+    for that task (aacray/conette_model.py), so encoding, scoring and beam search need no
+    task argument. `stopwords` are the words beam search lets repeat (NLTK's list, or the
+    ones a CoNeTTE folder's forbid_rep_mask lets repeat).
+    """
 
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
     unk_id: int = 3
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, stopwords: Iterable[str] = STOPWORDS) -> None:
         for i, tok in enumerate(SPECIAL_TOKENS):
             got = tokenizer.token_to_id(tok)
             if got != i:
@@ -338,6 +351,15 @@ class WordTokenizer:
         self._itos: list[str] = [""] * len(self._vocab)
         for w, i in self._vocab.items():
             self._itos[i] = w
+        ends = tokenizer.encode("").ids  # [start token, eos] from the post-processor
+        if len(ends) != 2 or ends[1] != self.eos_id or not (ends[0] == BOS_ID or is_task_token(self._itos[ends[0]])):
+            raise ValueError(f"the post-processor must give [<bos> or a task token, <eos>], got {ends}")
+        self.bos_id = ends[0]
+        self.stopwords = frozenset(stopwords)
+        self.special_ids: tuple[int, ...] = tuple(
+            i for i, w in enumerate(self._itos) if i in (self.pad_id, BOS_ID, self.unk_id) or is_task_token(w)
+        )
+        """Ids that are never words: pad, bos, unk and every task token (decode drops them)."""
 
     # --- construction -----------------------------------------------------------------
     @classmethod
@@ -356,13 +378,27 @@ class WordTokenizer:
         )
         vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
         vocab.update({w: i + len(SPECIAL_TOKENS) for i, w in enumerate(kept)})
+        return cls.from_vocab(vocab, normalizer_version=normalizer_version)
+
+    @classmethod
+    def from_vocab(
+        cls,
+        vocab: dict[str, int],
+        bos: str = BOS,
+        normalizer_version: int = NORMALIZER_VERSION,
+        stopwords: Iterable[str] = STOPWORDS,
+    ) -> WordTokenizer:
+        """A tokenizer over `vocab` (token -> id; specials at 0..3) whose captions start with
+        `bos` (`<bos>`, or a task token of the vocabulary)."""
+        if bos not in vocab:
+            raise ValueError(f"start token {bos!r} is not in the vocabulary")
         tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
         tok.normalizer = _hf_normalizer(normalizer_version)
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A {EOS}", special_tokens=[(BOS, 1), (EOS, 2)]
+            single=f"{bos} $A {EOS}", special_tokens=[(bos, vocab[bos]), (EOS, vocab[EOS])]
         )
-        return cls(tok)
+        return cls(tok, stopwords)
 
     @classmethod
     def from_str(cls, s: str) -> WordTokenizer:
@@ -446,14 +482,14 @@ class WordTokenizer:
         return tokens, lengths
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        """Words up to the first eos; pad, bos and unk are dropped."""
+        """Words up to the first eos; pad, bos, unk and task tokens (`special_ids`) are dropped."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         out = []
         for i in ids:
             if i == self.eos_id:
                 break
-            if i in (self.pad_id, self.bos_id, self.unk_id):
+            if i in self.special_ids:
                 continue
             out.append(self._itos[i])
         return " ".join(out)

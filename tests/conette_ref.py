@@ -68,14 +68,22 @@ def sdist_path() -> Path:
 def _fetch() -> None:
     """Download the sdist (no dependencies, nothing installed) from the package registry into
     the cache, so the README's test command needs no extra step on a fresh machine."""
+    _pip_download("--no-binary", ":all:", f"conette=={VERSION}")
+
+
+def _pip_download(*args: str) -> None:
+    """`pip download --no-deps ARGS -d CACHE`, with the venv's pip or, in a venv made
+    without pip (uv's), the system's python3."""
     import subprocess
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         f"conette=={VERSION}", "-d", str(CACHE)],
-        check=False, capture_output=True, timeout=300,
-    )
+    for python in (sys.executable, "python3"):
+        done = subprocess.run(
+            [python, "-m", "pip", "download", "--no-deps", *args, "-d", str(CACHE)],
+            check=False, capture_output=True, timeout=300,
+        )
+        if done.returncode == 0:
+            return
 
 
 def source_root() -> Path:
@@ -160,6 +168,87 @@ def load(name: str) -> types.ModuleType:
     finally:
         for k in stubs:  # the stand-ins serve this import only
             sys.modules.pop(k, None)
+
+
+# --- torchlibrosa: the front-end conette's ConvNeXt builds (nn/encoders/convnext.py) ----------
+TORCHLIBROSA = "torchlibrosa-0.1.0-py3-none-any.whl"
+TORCHLIBROSA_SHA256 = "89b65fd28b833ceb6bc74a3d0d87e2924ddc5a845d0a246b194952a4e12a38cb"
+
+
+def _librosa_stand_in() -> types.ModuleType:
+    """The three librosa functions torchlibrosa's Spectrogram and LogmelFilterBank call when
+    they build their kernels, written from librosa's definitions (librosa itself pulls
+    numba): the periodic Hann window (`get_window("hann", n, fftbins=True)`), `pad_center`,
+    and `filters.mel` with librosa's defaults (Slaney mel scale, Slaney area norm, float32)."""
+    import numpy as np
+
+    def get_window(window, n, fftbins=True):
+        assert window == "hann" and fftbins, (window, fftbins)
+        return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)
+
+    def pad_center(data, size):
+        lpad = (size - data.shape[-1]) // 2
+        return np.pad(data, (lpad, size - data.shape[-1] - lpad))
+
+    def hz_to_mel(f):
+        f = np.asarray(f, dtype=np.float64)
+        lin = f / (200.0 / 3)
+        return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / (np.log(6.4) / 27.0), lin)
+
+    def mel_to_hz(m):
+        lin = (200.0 / 3) * m
+        return np.where(m >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0)), lin)
+
+    def mel(sr, n_fft, n_mels=128, fmin=0.0, fmax=None):
+        fmax = sr / 2 if fmax is None else fmax
+        fft_f = np.fft.rfftfreq(n=n_fft, d=1.0 / sr)
+        mel_f = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+        fdiff = np.diff(mel_f)
+        ramps = np.subtract.outer(mel_f, fft_f)
+        lower = -ramps[:-2] / fdiff[:-1, None]
+        upper = ramps[2:] / fdiff[1:, None]
+        weights = np.maximum(0, np.minimum(lower, upper))
+        weights *= (2.0 / (mel_f[2 : n_mels + 2] - mel_f[:n_mels]))[:, None]
+        return weights.astype(np.float32)
+
+    librosa = types.ModuleType("librosa")
+    librosa.filters = types.SimpleNamespace(get_window=get_window, mel=mel)
+    librosa.util = types.SimpleNamespace(pad_center=pad_center, exceptions=types.SimpleNamespace(ParameterError=ValueError))
+    return librosa
+
+
+def _torchlibrosa() -> None:
+    """Import torchlibrosa 0.1.0 (conette's pin; pure Python) from its wheel in the cache,
+    fetched as the sdist is, with the librosa stand-in for that import only."""
+    if "torchlibrosa" in sys.modules:
+        return
+    wheel = CACHE / TORCHLIBROSA
+    if not wheel.is_file():
+        _pip_download("torchlibrosa==0.1.0")
+    if not wheel.is_file():
+        pytest.fail(
+            f"torchlibrosa 0.1.0 (conette's front-end) not found at {wheel}; fetch it with: python3 -m pip "
+            "download --no-deps torchlibrosa==0.1.0 -d ~/.cache/aacray-conette", pytrace=False,
+        )
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != TORCHLIBROSA_SHA256:
+        pytest.fail(f"{wheel} has sha256 {digest}, expected {TORCHLIBROSA_SHA256}")
+    sys.path.insert(0, str(wheel))  # a pure-Python wheel imports as a zip
+    had = sys.modules.get("librosa")
+    sys.modules["librosa"] = _librosa_stand_in()
+    try:
+        importlib.import_module("torchlibrosa")
+    finally:
+        if had is None:
+            sys.modules.pop("librosa", None)
+        else:
+            sys.modules["librosa"] = had
+
+
+def load_encoder_module(name: str = "huggingface.preprocessor") -> types.ModuleType:
+    """A conette module that builds the ConvNeXt (it imports torchlibrosa)."""
+    _torchlibrosa()
+    return load(name)
 
 
 def spacy_blank_en_path() -> Path:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a moto S3 server on 127.0.0.1, one small local Ray, a tiny demo corpus."""
+"""Shared fixtures: a moto S3 server on 127.0.0.1, one small local Ray, a tiny demo corpus,
+one torch thread for a module of tiny-model tests."""
 
 from __future__ import annotations
 
@@ -114,3 +115,13 @@ def small_index(tmp_path):
     return ext, ckpt
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One intra-op thread for a module of tiny-model tests (more only cost time on a busy
+    machine); use with `pytestmark = pytest.mark.usefixtures("torch_one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

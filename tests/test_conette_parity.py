@@ -269,7 +269,7 @@ def test_beam_search_equals_conette_on_a_trained_model(ref, tmp_path):
     frames, mask = pad_frames(val.frames[:10])
     captions = {}
     for case in CASES:
-        ours = captions[case] = compare_with_conette(model, tok, ref, frames, mask, case, ban_specials=False)
+        captions[case] = compare_with_conette(model, tok, ref, frames, mask, case, ban_specials=False)
         default = beam_search(model, frames, mask, tok, beam_size=case[0], min_len=case[1], max_len=case[2], forbid_repeats=case[3])
         banned = {tok.pad_id, tok.bos_id, tok.unk_id}
         assert not any(banned & set(g.tokens[1:]) for g in default), case

@@ -4,6 +4,8 @@ References: the paper's Table 3, a naive python `sorted()` over tuple keys, the 
 full-sort path, and torchmetrics for Recall@k / mAP@10.
 """
 
+import csv
+import io
 import math
 from functools import reduce
 
@@ -14,10 +16,14 @@ import torch
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalMRR
 
 from aacray.retrieval import (
+    DCASE_HEADER,
     BlockResult,
     CaptionStats,
     TopK,
     caption_stats,
+    dcase_task6b_csv,
+    find_hits,
+    map_at_k,
     merge_blocks,
     merge_caption_stats,
     minmax_scale,
@@ -92,7 +98,9 @@ def test_table3_metrics_and_arrow_round_trip():
     assert m["t2a"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "mAP@10": 1.0, "n_queries": 3}
     assert m["a2t_raw"]["R@1"] == pytest.approx(1 / 3)
     assert m["a2t_raw"]["R@5"] == 1.0
-    assert m["a2t_minmax"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "n_queries": 3}
+    assert m["a2t_minmax"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "mAP@10": 1.0, "n_queries": 3}
+    # raw A2T: C1 first for every audio; A2's C2 second (1/2), A3's C3 second (1/2)
+    assert m["a2t_raw"]["mAP@10"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
     # Contract tables through pyarrow give the same metrics and the same TopK.
     tables = [pa.table(t.columns()) for t in (b.t2a, b.a2t_raw, b.a2t_minmax)]
     assert tables[0].column_names == ["caption_id", "rank", "audio_id", "loss"]
@@ -414,3 +422,79 @@ def test_metrics_refuse_shallow_lists_and_foreign_ids():
     t3 = score_block(TABLE3, AUDIOS3, CAPTIONS3, 3)
     assert isinstance(t3, BlockResult)
     retrieval_metrics(t3.t2a, t3.a2t_raw, t3.a2t_minmax, dict(zip(CAPTIONS3, AUDIOS3, strict=True)))
+
+
+# ----------------------------------------------------------------------------- mAP@10, DCASE
+
+
+def test_map_at_10_hand_computed():
+    """Audio A: relevant c01, c03, c12 of 12 listed -> ranks 1, 3 in the top 10 (12 is out):
+    AP = (1/1 + 2/3) / 3. B: one relevant at rank 4 -> 1/4. C: its relevant unlisted -> 0."""
+    q = ["A"] * 12 + ["B"] * 12 + ["C"] * 12
+    cand = [f"c{i:02d}" for i in range(1, 13)] * 3
+    rank = list(range(1, 13)) * 3
+    loss = np.arange(36, dtype=np.float64)
+    t = TopK("a2t_raw", np.array(q), np.array(rank, np.int32), np.array(cand), loss, loss)
+    hits = find_hits(t, {"A": {"c01", "c03", "c12"}, "B": {"c04"}, "C": {"zz"}})
+    assert hits.best().tolist() == [1, 4, 0]
+    assert map_at_k(hits) == pytest.approx(((1 + 2 / 3) / 3 + 1 / 4 + 0) / 3)
+    assert map_at_k(hits, depth=12) == pytest.approx(((1 + 2 / 3 + 3 / 12) / 3 + 1 / 4) / 3)
+    assert map_at_k(find_hits(t, {})) is None
+
+
+def brute_map_at_10(P: np.ndarray, S: np.ndarray, query_ids, cand_ids, relevant) -> float:
+    """Full argsort of every query's candidates by (P, S, candidate id); per query with R
+    relevant, AP@10 = sum(arange(1, n + 1) / ranks of the relevant in the top 10) / R
+    (WavCaps' retrieval/tools/utils.py a2t, with R = 5 there); the mean over queries."""
+    id_rank = np.argsort(np.argsort(np.asarray(cand_ids)))
+    aps = []
+    for i, q in enumerate(query_ids):
+        if q not in relevant:
+            continue
+        order = np.lexsort((id_rank, S[i], P[i]))
+        ranks = 1 + np.flatnonzero(np.isin(np.asarray(cand_ids)[order], list(relevant[q])))
+        inds_map = ranks[ranks <= 10]
+        aps.append(np.sum(np.arange(1, len(inds_map) + 1) / inds_map) / len(relevant[q]))
+    return float(np.mean(aps))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_map_at_10_equals_a_full_argsort_for_t2a_and_a2t(seed):
+    L, audios, captions, gt = metric_case(seed)
+    L = np.round(L, 1)  # ties: ids decide
+    b = score_block(L, audios, captions, 10)
+    got = retrieval_metrics(b.t2a, b.a2t_raw, b.a2t_minmax, gt)
+    a2t_rel: dict[str, set[str]] = {}
+    for c, a in gt.items():
+        if a is not None:
+            a2t_rel.setdefault(a, set()).add(c)
+    t2a_rel = {c: {a} for c, a in gt.items() if a is not None}
+    S = minmax_scale(L, L.min(0), L.max(0))
+    assert got["t2a"]["mAP@10"] == pytest.approx(brute_map_at_10(L.T, L.T, captions, audios, t2a_rel), abs=1e-12)
+    assert got["a2t_raw"]["mAP@10"] == pytest.approx(brute_map_at_10(L, L, audios, captions, a2t_rel), abs=1e-12)
+    assert got["a2t_minmax"]["mAP@10"] == pytest.approx(brute_map_at_10(S, L, audios, captions, a2t_rel), abs=1e-12)
+    # three relevant captions per audio: A2T mAP@10 is below the best-hit MRR whenever a
+    # second or third caption sits below rank 1
+    assert 0 < got["a2t_raw"]["mAP@10"] < 1
+
+
+def test_dcase_task6b_csv_equals_a_full_sort():
+    """Header and quoting as conette's export (csv defaults); rows in the given caption order;
+    each row the top 10 audios of a full sort of the caption's column by (loss, audio id)."""
+    L, audios, captions, _ = metric_case(2)
+    L = np.round(L, 1)
+    names = {a: f"clip {a}, take 1.wav" for a in audios}  # a comma: quoted
+    texts = [f'text of {c}, with "quotes"' for c in captions]
+    b = score_block(L, audios, captions, 12)
+    out = dcase_task6b_csv(b.t2a, captions, texts, names)
+    lines = out.split("\r\n")
+    assert lines[0] == "caption," + ",".join(f"fname_{i}" for i in range(1, 11)) and lines[-1] == ""
+    assert lines[1].startswith(f'"text of {captions[0]}, with ""quotes""","clip ')
+    rows = list(csv.reader(io.StringIO(out)))
+    assert tuple(rows[0]) == DCASE_HEADER and len(rows) == 1 + len(captions)
+    id_rank = np.argsort(np.argsort(np.asarray(audios)))
+    for j, (c, row) in enumerate(zip(captions, rows[1:], strict=True)):
+        top = np.lexsort((id_rank, L[:, j]))[:10]
+        assert row == [texts[j], *(names[audios[i]] for i in top)], c
+    with pytest.raises(ValueError, match="fewer than 10 audios"):
+        dcase_task6b_csv(score_block(L, audios, captions, 5).t2a, captions, texts, names)
