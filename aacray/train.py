@@ -435,11 +435,11 @@ def prune_checkpoints(run: str, newest: int, keep: int = KEEP_CHECKPOINTS, also_
     attempt) are overwritten when reached."""
     kept = 0
     for epoch, folder in ckpt_lib.run_checkpoints(run):
-        if epoch > newest or epoch == also_keep:
+        if epoch > newest:
             continue
         if kept < keep and storage.exists(storage.join(folder, ckpt_lib.MARKER)):
-            kept += 1
-        else:
+            kept += 1  # one of the newest (the selected one may be among them)
+        elif epoch != also_keep:
             storage.remove(folder)
 
 

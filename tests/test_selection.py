@@ -51,14 +51,15 @@ def test_select_refuses_a_history_without_the_value():
         selection.select([{"epoch": 1, "cider_d": 0.1}, {"epoch": 2}], "cider_d", epochs=2, every=1)
 
 
-def test_prune_keeps_the_selected_epoch(tmp_path):
+@pytest.mark.parametrize("selected, left", [(1, (1, 4, 5)), (3, (3, 4, 5)), (5, (4, 5)), (4, (4, 5))])
+def test_prune_keeps_the_two_newest_and_the_selected_epoch(tmp_path, selected, left):
     run = str(tmp_path / "run")
     for e in range(1, 6):
         folder = os.path.join(run, ckpt_lib.run_checkpoint_name(e))
         os.makedirs(folder)
         open(os.path.join(folder, ckpt_lib.MARKER), "w").close()
-    prune_checkpoints(run, newest=5, also_keep=1)
-    assert sorted(os.listdir(run)) == [ckpt_lib.run_checkpoint_name(e) for e in (1, 4, 5)]
+    prune_checkpoints(run, newest=5, also_keep=selected)
+    assert sorted(os.listdir(run)) == [ckpt_lib.run_checkpoint_name(e) for e in left]
 
 
 def test_validation_map_equals_a_brute_force():
