@@ -45,8 +45,6 @@ CRITERIA: dict[str, str | None] = {
 CAPTION_METRICS = ("cider_d", "fense")
 """Criteria computed from beam-search captions of the validation clips (aac-metrics)."""
 
-DECODE = {"beam_size": 3, "min_len": 3, "max_len": 20}
-"""Beam search for the captioning criteria: CoNeTTE's defaults, as jobs/caption.py uses."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +123,7 @@ def caption_metric(
     candidates: list[str] = []
     for b in range(0, len(audio_ids), batch_size):
         x, mask = pad_frames([val.frames[index[a]] for a in audio_ids[b : b + batch_size]])
-        candidates += [g.text for g in beam_search(model, x.to(device), mask.to(device), tok, **DECODE)]
+        candidates += [g.text for g in beam_search(model, x.to(device), mask.to(device), tok)]  # CoNeTTE's defaults (beam 3, min 3, max 20)
     result = evaluate_captions(candidates, [list(references[a]) for a in audio_ids], [metric], tokenizer="normalize")
     if metric in result.skipped:
         raise RuntimeError(f"select_by={metric}: {result.skipped[metric]}")
