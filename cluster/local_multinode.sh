@@ -125,7 +125,20 @@ log "starting a worker node joining $GCS_ADDRESS"
 "$RAY" start --address="$GCS_ADDRESS" --dashboard-agent-listen-port="$AGENT_WORKER" \
     --temp-dir="$WORK/worker" "${COMMON[@]}" >"$WORK/worker.log" 2>&1 \
     || { cat "$WORK/worker.log" >&2; exit 1; }
-"$RAY" status --address="$GCS_ADDRESS" >&2
+# `ray start` returns before the autoscaler's view lists the new node (seen under load:
+# `ray status` showed one node). Wait until both are listed, at most 120 s, then show it.
+nodes_listed() { grep -cE '^ *1 node_[0-9a-f]+ *$' <<<"$NODES" || true; }
+DEADLINE=$((SECONDS + 120))
+while :; do
+    NODES=$("$RAY" status --address="$GCS_ADDRESS" 2>&1) || true
+    if [ "$(nodes_listed)" -ge 2 ] || [ "$SECONDS" -ge "$DEADLINE" ]; then break; fi
+    sleep 1
+done
+printf '%s\n' "$NODES" >&2
+if [ "$(nodes_listed)" -lt 2 ]; then
+    log "the worker node is not in \`ray status\` after 120 s; its log: $WORK/worker.log"
+    exit 1
+fi
 
 # 4. Token auth is on: the job API answers a request without the token with HTTP 401, one
 #    with a wrong token with 403, and the right one with 200. Status codes, not a CLI's
