@@ -46,7 +46,6 @@ CAPTION_METRICS = ("cider_d", "fense")
 """Criteria computed from beam-search captions of the validation clips (aac-metrics)."""
 
 
-
 @dataclass(frozen=True)
 class Selected:
     criterion: str
@@ -123,7 +122,8 @@ def caption_metric(
     candidates: list[str] = []
     for b in range(0, len(audio_ids), batch_size):
         x, mask = pad_frames([val.frames[index[a]] for a in audio_ids[b : b + batch_size]])
-        candidates += [g.text for g in beam_search(model, x.to(device), mask.to(device), tok)]  # CoNeTTE's defaults (beam 3, min 3, max 20)
+        # beam_search's defaults are CoNeTTE's (beam 3, min 3, max 20), as jobs/caption.py uses
+        candidates += [g.text for g in beam_search(model, x.to(device), mask.to(device), tok)]
     result = evaluate_captions(candidates, [list(references[a]) for a in audio_ids], [metric], tokenizer="normalize")
     if metric in result.skipped:
         raise RuntimeError(f"select_by={metric}: {result.skipped[metric]}")

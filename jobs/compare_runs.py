@@ -7,8 +7,8 @@ score_matrix, caption, perturb. Every retrieval figure is recomputed with today'
 (`aacray.retrieval.retrieval_metrics`) from the run's own top-k tables and its extract
 output's ground truth, so runs written before A2T mAP@10 existed get it too; each figure the
 run's metrics.json already has must equal the recomputed one (else this stops and says
-which). Caption metrics and perturbation accuracies are read from metrics.json; caption
-length and vocabulary from the generated captions. Prints a Markdown table.
+which). Caption metrics (vocabulary: aac-metrics' `vocab.cands`) and perturbation accuracies are
+read from metrics.json; the mean caption length from the generated captions. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ def _metrics(root: str, job: str) -> dict:
 
 def retrieval(root: str) -> dict:
     sm = storage.join(root, "score_matrix")
-    tables = [storage.read_table(sm, name) for name in ("topk_t2a", "topk_a2t_raw", "topk_a2t")]
+    manifest = storage.read_manifest(sm)
+    tables = [
+        storage.read_table(sm, name, manifest=manifest)
+        for name in ("topk_t2a", "topk_a2t_raw", "topk_a2t")
+    ]
     scored = set(tables[0].column("caption_id").to_pylist())
     rows = storage.read_table(storage.join(root, "extract_embeddings"), "captions").to_pylist()
     gt = {r["caption_id"]: r["audio_id"] for r in rows if r["caption_id"] in scored}
@@ -40,15 +44,11 @@ def retrieval(root: str) -> dict:
     return got
 
 
-def generated(root: str) -> tuple[float, int]:
-    """Mean length in words and vocabulary size of the caption job's captions."""
-    words = [
-        c.split()
-        for c in storage.read_table(storage.join(root, "caption"), "captions")
-        .column("caption")
-        .to_pylist()
-    ]
-    return sum(map(len, words)) / len(words), len({w for ws in words for w in ws})
+def mean_length(root: str) -> float:
+    """Mean length in words of the caption job's captions."""
+    captions = storage.read_table(storage.join(root, "caption"), "captions", columns=["caption"])
+    words = [len(c.split()) for c in captions.column("caption").to_pylist()]
+    return sum(words) / len(words)
 
 
 def column(root: str) -> dict:
@@ -59,7 +59,7 @@ def column(root: str) -> dict:
         "caption": caption["metrics"],
         "epoch": caption["checkpoint"]["epoch"],
         "perturb": _metrics(root, "perturb")["sets"],
-        "generated": generated(root),
+        "mean_length": mean_length(root),
         "val_loss": (train["val_loss_first"], train["val_loss_last"]),
     }
 
@@ -87,8 +87,17 @@ def table(cols: dict[str, dict]) -> list[str]:
                 for c in cs
             ],
         )
-    line("mean generated caption length (words)", [f"{c['generated'][0]:.2f}" for c in cs])
-    line("vocabulary of the generated captions (words)", [str(c["generated"][1]) for c in cs])
+    line("mean generated caption length (words)", [f"{c['mean_length']:.2f}" for c in cs])
+    # aac-metrics' `vocab` metric of the caption job: distinct words of the generated captions
+    line(
+        "vocabulary of the generated captions (words)",
+        [
+            f"{c['caption']['vocab.cands']:.0f}"
+            if "vocab.cands" in c["caption"]
+            else "not computed"
+            for c in cs
+        ],
+    )
     for s in cs[0]["perturb"]:
         line(
             f"perturbation {s} accuracy (pairs)",
