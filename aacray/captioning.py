@@ -25,16 +25,18 @@ from importlib.metadata import version
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from aacray import checkpoint as ckpt_lib
 from aacray import stage, storage
 from aacray.config import CaptionConfig, from_dict, to_dict
 from aacray.decoder import pad_frames
-from aacray.decoding import beam_search
+from aacray.decoding import beam_search_n_best
 from aacray.embeddings import check_embeddings, duplicate_ids, read_captions, read_embeddings
 from aacray.errors import BadInputError
 from aacray.metrics_env import MAIN_KEY, evaluate_captions
 from aacray.runtime import init_ray
+from aacray.shortlist import word_profiles
 from aacray.text import normalize
 
 # --------------------------------------------------------------------------------------
@@ -78,9 +80,12 @@ def format_table(metrics: dict) -> str:
 
 
 class CaptionActor:
-    """A batch of audio ids -> (audio_id, caption, score). Holds the subset's embeddings."""
+    """A batch of audio ids -> (audio_id, caption, score). Holds the subset's embeddings.
+    describe (score_matrix's shortlist, `describe`): also every beam's text, best first
+    ("beams"), and with "profile" the decoder's word profile along the best one
+    (`shortlist.word_profiles`)."""
 
-    def __init__(self, cfg_dict: dict):
+    def __init__(self, cfg_dict: dict, describe: str | None = None):
         cfg = from_dict(CaptionConfig, cfg_dict)
         self.device, self.model, self.tok, _ = stage.actor_setup(cfg.actors, cfg.checkpoint, cfg.task)
         audio = read_embeddings(cfg.audio, cfg.subsets)
@@ -88,21 +93,52 @@ class CaptionActor:
         if bad:
             raise BadInputError(f"embeddings no caption can be made from: {bad[:10]}")
         self.frames = dict(zip(audio.audio_ids, audio.frames, strict=True))
-        self.cfg = cfg
+        self.cfg, self.describe = cfg, describe
 
     def __call__(self, batch: dict) -> dict:
         ids = [str(a) for a in batch["audio_id"]]
         x, mask = pad_frames([self.frames[a] for a in ids])
+        x, mask = x.to(self.device), mask.to(self.device)
         c = self.cfg
-        gen = beam_search(
-            self.model, x.to(self.device), mask.to(self.device), self.tok,
+        beams = beam_search_n_best(
+            self.model, x, mask, self.tok,
             beam_size=c.beam_size, min_len=c.min_len, max_len=c.max_len, forbid_repeats=c.forbid_repeats,
         )
-        return {
+        out = {
             "audio_id": np.array(ids, dtype=object),
-            "caption": np.array([g.text for g in gen], dtype=object),
-            "score": np.array([g.score for g in gen], dtype=np.float32),
+            "caption": np.array([b[0].text for b in beams], dtype=object),
+            "score": np.array([b[0].score for b in beams], dtype=np.float32),
         }
+        if self.describe:
+            out["beams"] = np.empty(len(ids), dtype=object)  # a list a row, whatever their lengths
+            for i, b in enumerate(beams):
+                out["beams"][i] = [g.text for g in b]
+        if self.describe == "profile":
+            with torch.inference_mode():
+                memory = self.model.encode(x, mask)
+            out["profile"] = word_profiles(self.model, memory, mask, [b[0].tokens for b in beams])
+        return out
+
+
+def map_audios(cfg: CaptionConfig, audio_ids: list[str], n_frames: dict[str, int], describe: str | None = None):
+    """Beam search over audio_ids on the actor pool -> ({audio_id: its row}, seconds). Rows
+    go sorted by length, so a batch pads little; each actor holds the subset's embeddings,
+    like score_matrix's index."""
+    import ray.data  # here only: the rest of the module imports no Ray
+
+    rows = sorted(audio_ids, key=lambda a: (n_frames[a], a))
+    ds = ray.data.from_items(
+        [{"audio_id": a} for a in rows],
+        override_num_blocks=max(1, min(len(rows), cfg.actors.num_actors * 4)),
+    )
+    ds = stage.map_actors(ds, CaptionActor, {"cfg_dict": to_dict(cfg), "describe": describe}, cfg.actors)
+    t0 = time.time()
+    got = {str(r["audio_id"]): r for r in ds.iter_rows()}
+    seconds = time.time() - t0
+    if set(got) != set(audio_ids):
+        lost = sorted(set(audio_ids) - set(got))
+        raise RuntimeError(f"{len(lost)} audio(s) came back without a caption, e.g. {lost[:5]}")
+    return got, seconds
 
 
 # --------------------------------------------------------------------------------------
@@ -168,24 +204,8 @@ def plan_caption(cfg: CaptionConfig) -> CaptionPlan:
 
 def decode(cfg: CaptionConfig, plan: CaptionPlan) -> tuple[dict[str, tuple[str, float]], float]:
     """Beam search on the actor pool: (audio_id -> (caption, score), seconds)."""
-    import ray.data  # here only: the rest of the module imports no Ray
-
-    # 1. audio ids as rows, sorted by length so a batch pads little -> 2. beam search on
-    # the actor pool (each actor holds the subset's embeddings, like score_matrix's index)
-    rows = sorted(plan.audio_ids, key=lambda a: (plan.n_frames[a], a))
-    ds = ray.data.from_items(
-        [{"audio_id": a} for a in rows],
-        override_num_blocks=max(1, min(len(rows), cfg.actors.num_actors * 4)),
-    )
-    ds = stage.map_actors(ds, CaptionActor, {"cfg_dict": to_dict(cfg)}, cfg.actors)
-    # 3. collect
-    t0 = time.time()
-    got = {str(r["audio_id"]): (str(r["caption"]), float(r["score"])) for r in ds.iter_rows()}
-    seconds = time.time() - t0
-    if set(got) != set(plan.audio_ids):
-        lost = sorted(set(plan.audio_ids) - set(got))
-        raise RuntimeError(f"{len(lost)} audio(s) came back without a caption, e.g. {lost[:5]}")
-    return got, seconds
+    rows, seconds = map_audios(cfg, plan.audio_ids, plan.n_frames)
+    return {a: (str(r["caption"]), float(r["score"])) for a, r in rows.items()}, seconds
 
 
 def captions_table(got: dict[str, tuple[str, float]]) -> pa.Table:

@@ -222,6 +222,42 @@ class TrainConfig:
 
 
 @dataclass
+class ShortlistConfig:
+    """score_matrix's candidate stage (`candidates: shortlist` or a pairs file;
+    aacray/shortlist.py, docs/operations.md section 9)."""
+
+    method: Literal["bm25", "profile"] = "bm25"
+    """bm25: each audio's n-best generated captions against the caption texts by BM25
+    (bm25s, Lucene's formula). profile: each caption's mean pointwise mutual information with
+    the audio under the decoder's word distribution along its best caption (docs/shortlist.md)."""
+    k: int = 50
+    """Candidates per query: the top k captions of each audio (A2T) and the top k audios of
+    each caption (T2A); must be >= the tables' k."""
+    beams: int = 5
+    """n-best beams generated per audio (the shortlist's descriptions); beam width alike."""
+    max_len: int = 20
+    """Most generated tokens per description, eos included."""
+    minmax_sample: int = 64
+    """Audios (a fixed seeded sample) every caption is also scored against, so that its
+    min/max for min-max A2T is estimated over them plus its candidates; >= the index size:
+    every audio, and min-max A2T is exact. metrics.json says which."""
+    seed: int = 0
+    """Seed of the min/max sample."""
+    descriptions: str | None = None
+    """A previous shortlist run's score_matrix output whose `descriptions` table (each
+    audio's beams and word profile) this run reuses for the audios it holds, describing only
+    the others: a re-index after captions were added describes nothing again. Refused when
+    that run used another checkpoint, beams or max_len."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.beams < 1 or self.minmax_sample < 0 or self.max_len < 1:
+            raise ConfigError(
+                f"shortlist: need k, beams, max_len >= 1 and minmax_sample >= 0, got k={self.k}, "
+                f"beams={self.beams}, max_len={self.max_len}, minmax_sample={self.minmax_sample}"
+            )
+
+
+@dataclass
 class ScoreConfig:
     """`jobs/score_matrix.py`: every audio x caption pair scored by the decoder's loss."""
 
@@ -241,6 +277,13 @@ class ScoreConfig:
     with a `text` column (optional caption_id, audio_id, subset)."""
     caption_subsets: list[str] | None = None
     output: str = "runs/demo/score_matrix"
+    candidates: str = "exact"
+    """Which pairs are scored. exact: every audio x caption pair. shortlist: the pairs a text
+    index over the model's own descriptions of the audios proposes (`shortlist`), plus a
+    sample for min/max. Or the URI of a Parquet file of (audio_id, caption_id) pairs made by
+    any other retriever (a CLAP index, say), scored with the same sample. docs/operations.md
+    section 9."""
+    shortlist: ShortlistConfig = field(default_factory=ShortlistConfig)
     k: int = 10
     """Length of every top-k list (>= 10 for Recall@10 and mAP@10)."""
     caption_block_size: int = 256
@@ -267,6 +310,14 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if self.k < 1 or self.caption_block_size < 1:
             raise ConfigError(f"k and caption_block_size must be >= 1, got k={self.k}, caption_block_size={self.caption_block_size}")
+        if self.candidates != "exact":
+            if self.shortlist.k < self.k:
+                raise ConfigError(f"shortlist.k={self.shortlist.k} is below k={self.k}: a top-k list needs k candidates")
+            if self.scorer.precision == "bf16-refined":
+                raise ConfigError(
+                    f"candidates: {self.candidates} re-ranks listed pairs, which bf16-refined (a dense block's "
+                    "refinement) cannot screen: use scorer.precision fp32 (or bf16)"
+                )
 
 
 @dataclass

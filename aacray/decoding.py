@@ -62,13 +62,26 @@ def beam_search(
     frame_pad_mask: Tensor | None,
     tokenizer: WordTokenizer,
     beam_size: int = 3,
+    **rules,
+) -> list[Generated]:
+    """Caption each audio: the best beam of `beam_search_n_best` (same arguments), B results."""
+    return [beams[0] for beams in beam_search_n_best(model, frames, frame_pad_mask, tokenizer, beam_size, **rules)]
+
+
+def beam_search_n_best(
+    model: CaptionDecoder,
+    frames: Tensor,
+    frame_pad_mask: Tensor | None,
+    tokenizer: WordTokenizer,
+    beam_size: int = 3,
     min_len: int = 3,
     max_len: int = 20,
     forbid_repeats: bool = True,
     stopwords: Iterable[str] | None = None,
     ban_specials: bool = True,
-) -> list[Generated]:
-    """Caption each audio. frames (B, S, E), frame_pad_mask (B, S) or None -> B results.
+) -> list[list[Generated]]:
+    """Caption each audio, keeping every finished beam: frames (B, S, E), frame_pad_mask
+    (B, S) or None -> B lists of up to beam_size results, best (highest mean log p) first.
 
     min_len: eos is forbidden for the first min_len tokens (at least min_len words);
     max_len: most generated tokens, eos included. stopwords: the words that may repeat
@@ -134,7 +147,8 @@ def _beam_search(
     K: int,
     max_len: int,
     rules: _Rules,
-) -> list[Generated]:
+) -> list[list[Generated]]:
+    """Every audio's finished beams, best (highest mean log p) first."""
     device = next(model.parameters()).device
     frames = frames.to(device)
     mask = None if frame_pad_mask is None else frame_pad_mask.to(device)
@@ -174,11 +188,13 @@ def _beam_search(
         if not bool(live.any()):
             break
 
-    best = means.reshape(B, K).argmax(dim=1) + torch.arange(B, device=device) * K
+    # best first; a stable sort keeps the first of equal means first (argmax's choice)
+    order = torch.argsort(-means.reshape(B, K), dim=1, stable=True) + torch.arange(B, device=device)[:, None] * K
     out = []
-    for row in best.tolist():
-        ids = seqs[row, : int(lengths[row])].tolist()
-        out.append(Generated(tok.decode(ids), float(means[row]), ids))
+    for rows_b in order.tolist():
+        beams = [r for r in rows_b if means[r] > float("-inf")]
+        out.append([Generated(tok.decode(ids), float(means[r]), ids) for r in beams
+                    for ids in [seqs[r, : int(lengths[r])].tolist()]])
     return out
 
 

@@ -187,20 +187,7 @@ def read_captions(uri: str, subsets: list[str] | None = None) -> pa.Table:
 
 
 def _read_caption_file(uri: str) -> pa.Table:
-    import io
-
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    data = storage.read_bytes(uri)
-    if uri.endswith(".parquet"):
-        t = pq.read_table(io.BytesIO(data))
-    else:
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{uri}: not UTF-8 (byte {e.start}); save the caption file as UTF-8") from None
-        t = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    t = storage.read_tabular(uri, "caption file")
     if "text" not in t.column_names:
         raise ValueError(f"{uri}: a caption file needs a column 'text' (got {t.column_names})")
     n = t.num_rows

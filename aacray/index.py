@@ -106,6 +106,7 @@ def index_info(uri: str, manifest: dict) -> dict:
         "applied_runs": [],
         "minmax_sample": None,
         "minmax_ties": cfg.minmax_ties,
+        "candidates": cfg.candidates,
     }
 
 

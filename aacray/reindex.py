@@ -581,9 +581,17 @@ def _check_model(index: Index) -> Model:
 
 
 def _check_new(index: Index, new: NewData, all_ids: list[str], has_scores: bool) -> None:
-    """Refuse what the index cannot take: an index ranked by the authors' tie rule, audios
+    """Refuse what the index cannot take: a shortlist or pairs-file index, an index ranked by
+    the authors' tie rule, audios
     without a scores table or on a bf16-refined index, captions whose ground-truth audio is
     not indexed."""
+    if index.info.get("candidates", "exact") != "exact":
+        raise BadInputError(
+            f"{index.uri} was scored with candidates: {index.info['candidates']}: its lists rank listed pairs "
+            "only, and new captions or audios would need a new shortlist over the whole union, which reindex "
+            "does not build. Re-run score_matrix with candidates: shortlist over the union (shortlist.descriptions: "
+            "this output reuses its audios' descriptions), or reindex an exact index."
+        )
     if index.info.get("minmax_ties", "paper") != "paper":
         raise BadInputError(
             f"{index.uri} was scored with minmax_ties: {index.info['minmax_ties']}, whose min-max A2T lists "

@@ -570,6 +570,40 @@ def score_block(L: Any, audio_ids: Any, caption_ids: Any, k: int, minmax_ties: s
     )
 
 
+def score_pairs_block(
+    audio_pos: Any, caption_pos: Any, L: Any, audio_ids: Any, caption_ids: Any, k: int, minmax_ties: str = "paper"
+) -> BlockResult:
+    """The listed pairs of a block -> BlockResult: `score_block` when not every pair is scored
+    (score_matrix's shortlist and pairs-file candidates). Pair p is (audio_ids[audio_pos[p]],
+    caption_ids[caption_pos[p]]) with loss L[p]; caption_ids (m,) are the block's captions,
+    each listed at least once, and every pair of a caption is in its block. A caption's
+    loss_min / loss_max and n_audios run over its listed audios (exact when it lists all);
+    its T2A list ranks them; each audio's A2T candidates are its listed captions. With every
+    pair listed this is `score_block` on the dense matrix, row for row."""
+    a_ids, c_ids = _as_unique_ids(audio_ids, "audio_ids"), _as_unique_ids(caption_ids, "caption_ids")
+    a_pos, c_pos = np.asarray(audio_pos, dtype=np.int64), np.asarray(caption_pos, dtype=np.int64)
+    L = np.asarray(L, dtype=np.float64)
+    if not (a_pos.shape == c_pos.shape == L.shape) or a_pos.ndim != 1:
+        raise ValueError(f"pairs differ in shape: {a_pos.shape=} {c_pos.shape=} {L.shape=}")
+    if not np.isfinite(L).all():
+        raise ValueError("L holds NaN or inf losses")
+    n = np.bincount(c_pos, minlength=c_ids.size)
+    if n.size != c_ids.size or not n.all():
+        raise ValueError(f"every caption of the block needs a listed pair: {c_ids[n[: c_ids.size] == 0][:5].tolist()}")
+    mn, mx = np.full(c_ids.size, np.inf), np.full(c_ids.size, -np.inf)
+    np.minimum.at(mn, c_pos, L)
+    np.maximum.at(mx, c_pos, L)
+    stats = CaptionStats(c_ids, mn, mx, n.astype(np.int64))
+    ties = check_minmax_ties(minmax_ties) == "authors"
+    qa, qc = a_ids[a_pos], c_ids[c_pos]
+    return BlockResult(
+        stats=stats,
+        t2a=topk_select(qc, qa, L, L, k, "t2a"),
+        a2t_raw=topk_select(qa, qc, L, L, k, "a2t_raw"),
+        a2t_minmax=topk_select(qa, qc, minmax_scale(L, mn[c_pos], mx[c_pos]), L, k, "a2t_minmax", ties),
+    )
+
+
 def merge_blocks(blocks: Iterable[BlockResult], k: int, minmax_ties: str = "paper") -> BlockResult:
     """Block results over disjoint caption sets -> the result for all their captions
     (equal to `score_block` on the concatenated matrix, with the same minmax_ties)."""
@@ -612,16 +646,16 @@ class Hits:
         return best
 
 
-def find_hits(topk: TopK, relevant: Mapping[str, Collection[str]]) -> Hits:
+def find_hits(topk: TopK, relevant: Mapping[str, Collection[str]], unlisted_ok: bool = False) -> Hits:
     """Queries of `relevant` (query id -> its relevant candidate ids) -> their `Hits` in
-    `topk`. Every query must have rows in `topk`."""
+    `topk`. Every query must have rows in `topk` (unless unlisted_ok: then it has no hit)."""
     queries = _as_ids(sorted(relevant), "queries")
     n_rel = np.array([len(set(relevant[q])) for q in queries.tolist()], dtype=np.int64)
     if queries.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Hits(queries, n_rel, empty, empty)
     listed = np.isin(queries, topk.query_id)
-    if not listed.all():
+    if not listed.all() and not unlisted_ok:
         raise ValueError(f"query {queries[~listed][0]!r} has no rows in the {topk.kind} table")
     rel_q = np.repeat(queries, n_rel)
     rel_c = _as_ids([c for q in queries.tolist() for c in sorted(set(relevant[q]))], "relevant candidates")
@@ -687,6 +721,7 @@ def retrieval_metrics(
     topk_a2t_raw: Any,
     topk_a2t_minmax: Any,
     gt_caption_to_audio: Mapping[str, str | None],
+    index_ids: tuple[Any, Any] | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
     """Recall@1/5/10 and mAP@10 (`map_at_k`) from the three top-k tables of one whole index.
 
@@ -697,6 +732,9 @@ def retrieval_metrics(
     relevant, 5 per Clotho audio, as LAION-CLAP and WavCaps count). Each sub-dict also has n_queries;
     metrics of zero queries are None. Raises ValueError on lists shallower than 10 (unless
     they hold every candidate) and on ground truth naming ids outside the index.
+    index_ids (audio ids, caption ids): the index, when the tables rank listed candidates
+    only (score_matrix's candidates): a query may then list fewer than 10, or none, and
+    what it does not list counts as missed.
     """
     t2a = _as_topk(topk_t2a, "t2a")
     raw = _as_topk(topk_a2t_raw, "a2t_raw")
@@ -705,9 +743,12 @@ def retrieval_metrics(
     audios = np.unique(raw.query_id)
     if not np.array_equal(audios, np.unique(mm.query_id)):
         raise ValueError("a2t_raw and a2t_minmax tables list different audios")
-    _check_depth(t2a, audios.size)
-    _check_depth(raw, captions.size)
-    _check_depth(mm, captions.size)
+    if index_ids is not None:
+        audios, captions = (np.unique(_as_ids(x, "index_ids")) for x in index_ids)
+    else:
+        _check_depth(t2a, audios.size)
+        _check_depth(raw, captions.size)
+        _check_depth(mm, captions.size)
 
     t2a_rel: dict[str, set[str]] = {}
     a2t_rel: dict[str, set[str]] = defaultdict(set)
@@ -720,6 +761,8 @@ def retrieval_metrics(
         t2a_rel[caption] = {audio}
         a2t_rel[audio].add(caption)
 
+    unlisted_ok = index_ids is not None
+
     def block(hits: Hits) -> dict[str, float | int | None]:
         ranks = hits.best()
         out: dict[str, float | int | None] = {f"R@{k}": recall_at_k(ranks, k) for k in RECALL_KS}
@@ -728,9 +771,9 @@ def retrieval_metrics(
         return out
 
     return {
-        "t2a": block(find_hits(t2a, t2a_rel)),
-        "a2t_raw": block(find_hits(raw, a2t_rel)),
-        "a2t_minmax": block(find_hits(mm, a2t_rel)),
+        "t2a": block(find_hits(t2a, t2a_rel, unlisted_ok)),
+        "a2t_raw": block(find_hits(raw, a2t_rel, unlisted_ok)),
+        "a2t_minmax": block(find_hits(mm, a2t_rel, unlisted_ok)),
     }
 
 

@@ -676,6 +676,14 @@ class BlockScorer:
         return refine_block(L, rescore, k, self.margin, stat_rows)
 
 
+    def loss_pairs(self, audio_index, tokens: list[list[int]], caption_index) -> np.ndarray:
+        """Listed pairs (score_matrix's candidates): `PairScorer.loss_pairs` with a caption
+        list, at fp32 or bf16 (bf16-refined refines dense blocks only)."""
+        if self.refined:
+            raise ValueError("bf16-refined scores dense blocks only: score listed pairs at fp32 or bf16")
+        return self.scorer.loss_pairs(audio_index, tokens, caption_index)
+
+
 def refine_summary(margin: float, pairs: int, rescored: int, max_rel_err: float) -> dict:
     """metrics.json's "refine" entry; logs a warning when bf16's error exceeded the margin."""
     if max_rel_err > margin:

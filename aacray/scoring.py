@@ -64,6 +64,7 @@ import pyarrow.parquet as pq
 
 from aacray import checkpoint as ckpt_lib
 from aacray import storage
+from aacray.candidates import DESCRIPTIONS, build_candidates
 from aacray.config import ScoreConfig, from_dict, to_dict
 from aacray.embeddings import read_captions, read_embeddings
 from aacray.errors import BadInputError
@@ -77,10 +78,12 @@ from aacray.retrieval import (
     dcase_task6b_csv,
     retrieval_metrics,
     score_block,
+    score_pairs_block,
     topk_merge,
 )
 from aacray.runtime import init_ray
 from aacray.scorer import BlockScorer, check_inputs, over_long, refine_summary, scorer_memory
+from aacray.shortlist import Candidates
 from aacray.stage import Output, actor_setup, check_actor_memory, map_actors
 from aacray.text import WordTokenizer, normalize
 
@@ -153,6 +156,16 @@ class ScorePlan:
     corner_captions: list[str]
     oov: int  # captions holding unknown words
     need: dict[str, int]  # bytes one actor holds, by part (`scorer_memory`)
+    skip_ids: set[int]  # bos, eos, pad: not words of a caption (the profile shortlist)
+    cands: Candidates | None = None  # the pairs to score (`candidates` not exact); None: all
+    cand_info: dict | None = None  # metrics.json's "candidates" entry
+    described: pa.Table | None = None  # the shortlist's `descriptions` table
+
+    def n_pairs_of(self, block: int) -> int:
+        """Pairs block `block` scores."""
+        if self.cands is None:
+            return self.n_audios * len(self.blocks[block])
+        return int(sum(self.cands.start[j + 1] - self.cands.start[j] for j in self.blocks[block]))
 
     @property
     def n_audios(self) -> int:
@@ -170,9 +183,14 @@ class ScorePlan:
                 (SCORER_VERSION, self.checkpoint_info, self.audio_ids, self.frame_shapes, self.caption_ids, self.tokens,
                  c.k, c.scorer.precision, c.scorer.pairs_per_batch, c.caption_block_size, c.write_scores,
                  self.probe_audios, self.corner_captions, c.minmax_ties,
-                 c.scorer.refine_margin if c.scorer.precision == "bf16-refined" else None)
+                 c.scorer.refine_margin if c.scorer.precision == "bf16-refined" else None, c.candidates,
+                 None if self.cands is None else (to_dict(c.shortlist), _digest(self.cands.start), _digest(self.cands.audio)))
             ).encode()
         ).hexdigest()
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
 def plan_score_matrix(cfg: ScoreConfig) -> ScorePlan:
@@ -203,7 +221,34 @@ def plan_score_matrix(cfg: ScoreConfig) -> ScorePlan:
         file_names=file_names, dcase_skip=dcase_skip, caps_of=caps_of,
         blocks=[order[i : i + bs] for i in range(0, m, bs)], probe_audios=probe_audios,
         corner_audios=corner_audios, corner_captions=corner_captions, oov=oov, need=need,
+        skip_ids={tok.bos_id, tok.eos_id, tok.pad_id},
     )
+
+
+def attach_candidates(plan: ScorePlan) -> None:
+    """Phase 2 with `candidates` not exact (aacray/candidates.py): the pairs to score, and
+    blocks re-cut so that each holds about caption_block_size x N pairs, as an exact block."""
+    cfg = plan.cfg
+    a_of = {a: i for i, a in enumerate(plan.audio_ids)}
+    c_of = {c: j for j, c in enumerate(plan.caption_ids)}
+    gt = np.array([a_of.get(plan.gt_of[c], -1) if plan.gt_of[c] is not None else -1 for c in plan.caption_ids])
+    corner = np.array([(a_of[a], c_of[c]) for a in plan.corner_audios for c in plan.corner_captions], np.int64).reshape(-1, 2)
+    plan.cands, plan.cand_info, plan.described = build_candidates(
+        cfg, plan.audio_ids, {a: s[0] for a, s in zip(plan.audio_ids, plan.frame_shapes, strict=True)},
+        plan.caption_ids, plan.texts, plan.tokens, gt, plan.skip_ids, [a_of[a] for a in plan.probe_audios],
+        (corner[:, 0], corner[:, 1]), plan.checkpoint_info,
+    )
+    fewest = int(np.diff(plan.cands.start).min())
+    if plan.file_names is not None and fewest < DCASE_TOP_N:
+        plan.file_names = None
+        plan.dcase_skip = f"a caption has {fewest} candidate audios, and the format lists {DCASE_TOP_N} per caption"
+    budget, blocks, current, size = cfg.caption_block_size * plan.n_audios, [], [], 0
+    for j in (j for b in plan.blocks for j in b):  # the length order of the exact blocks
+        current.append(j)
+        size += int(plan.cands.start[j + 1] - plan.cands.start[j])
+        if size >= budget:
+            blocks, current, size = blocks + [current], [], 0
+    plan.blocks = blocks + ([current] if current else [])
 
 
 def dcase_file_names(cfg: ScoreConfig, audio_ids: list[str], sources: list[str | None] | None):
@@ -261,6 +306,9 @@ def _set_up(plan: ScorePlan) -> Run:
         # (or an unusable output URI) then starts no Ray at all.
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_actor_memory(JOB, plan.need, cfg.actors, WAYS_OUT)
+    if cfg.candidates != "exact":  # describing the index needs the actor pool
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        attach_candidates(plan)
     blocks_uri = storage.join(cfg.output, BLOCKS)
     run_file = storage.join(blocks_uri, "_run.json")
     fingerprint = plan.fingerprint()
@@ -268,7 +316,8 @@ def _set_up(plan: ScorePlan) -> Run:
     if not resuming:
         storage.remove(blocks_uri)
     # `scores` is written by the actors block by block: a resumed run keeps what they wrote
-    output = Output(cfg.output, JOB, list(TABLES)).begin(cfg, clear=[] if resuming else ["scores"])
+    tables = list(TABLES) + ([DESCRIPTIONS] if plan.described is not None else [])
+    output = Output(cfg.output, JOB, tables).begin(cfg, clear=[] if resuming else ["scores"])
     storage.write_json(run_file, {"fingerprint": fingerprint, "blocks": len(plan.blocks)})
     done = {i for i in range(len(plan.blocks)) if storage.exists(block_path(blocks_uri, i))} if resuming else set()
     if done:
@@ -294,20 +343,31 @@ def scores_table(audio_ids, caption_ids, L: np.ndarray) -> pa.Table:
     pair, audio-major: audio_id string, caption_id string, loss float32."""
     n, m = L.shape
     assert (n, m) == (len(audio_ids), len(caption_ids)), f"{L.shape=} {len(audio_ids)=} {len(caption_ids)=}"
+    a, c = np.asarray(audio_ids, dtype=object), np.asarray(caption_ids, dtype=object)
+    return pairs_table(np.repeat(a, m), np.tile(c, n), L.reshape(-1))
+
+
+def pairs_table(audio_ids, caption_ids, loss: np.ndarray) -> pa.Table:
+    """The `scores` contract for listed pairs, all (P,): one row each."""
     return pa.table(
         {
-            "audio_id": pa.array(np.repeat(np.asarray(audio_ids, dtype=object), m), pa.string()),
-            "caption_id": pa.array(np.tile(np.asarray(caption_ids, dtype=object), n), pa.string()),
-            "loss": pa.array(L.reshape(-1), pa.float32()),
+            "audio_id": pa.array(audio_ids, pa.string()),
+            "caption_id": pa.array(caption_ids, pa.string()),
+            "loss": pa.array(np.asarray(loss, np.float32), pa.float32()),
         }
     )
 
 
 def write_scores_block(scores_uri: str, name: str, audio_ids, caption_ids, L: np.ndarray) -> str:
-    """One actor's block of the `scores` table as one Parquet file `name` under scores_uri
-    (a stable name per block: a retried block overwrites its own file). Returns its URI."""
+    """One actor's block of the `scores` table (losses L (N, m)): `write_scores_file`."""
+    return write_scores_file(scores_uri, name, scores_table(audio_ids, caption_ids, L))
+
+
+def write_scores_file(scores_uri: str, name: str, table: pa.Table) -> str:
+    """A part of the `scores` table as one Parquet file `name` under scores_uri (a stable
+    name per block: a retried block overwrites its own file). Returns its URI."""
     buf = io.BytesIO()
-    pq.write_table(scores_table(audio_ids, caption_ids, L), buf)
+    pq.write_table(table, buf)
     uri = storage.join(scores_uri, name)
     storage.write_bytes(uri, buf.getvalue())
     return uri
@@ -355,26 +415,42 @@ class ScoreActor:
                     raise RuntimeError(f"injected fault at block {block} (fail_on_block)")
                 cids = [str(c) for c in batch["caption_id"][i]]
                 tokens = [list(map(int, t)) for t in batch["tokens"][i]]
-                storage.write_bytes(path, self.score(cids, tokens))
+                audios = [np.asarray(x, np.int64) for x in batch["audios"][i]] if "audios" in batch else None
+                storage.write_bytes(path, self.score(cids, tokens, audios))
             done.append(block)
         return {"block": np.array(done, dtype=np.int64)}
 
-    def score(self, cids: list[str], tokens: list[list[int]]) -> bytes:
-        """One block: losses (N, m) -> stats, top-k lists, plot rows (a one-row Parquet)."""
+    def score(self, cids: list[str], tokens: list[list[int]], audios: list[np.ndarray] | None = None) -> bytes:
+        """One block -> stats, top-k lists, plot rows (a one-row Parquet). audios: each
+        caption's audio positions (listed candidates); None, or every audio for each: the
+        dense (N, m) losses."""
         t0 = time.time()
-        L, refined = self.scorer.losses(tokens, self.k)  # (N, m)
-        res = score_block(L, self.audio_ids, cids, self.k, self.minmax_ties)
-        if self.scores_uri:
-            key = hashlib.sha1("\x00".join(cids).encode()).hexdigest()[:20]
-            write_scores_block(self.scores_uri, f"block-{key}.parquet", self.audio_ids, cids, L)
+        n = len(self.audio_ids)
+        key = hashlib.sha1("\x00".join(cids).encode()).hexdigest()[:20]
+        if audios is None or all(x.size == n for x in audios):
+            L, refined = self.scorer.losses(tokens, self.k)  # (N, m)
+            res = score_block(L, self.audio_ids, cids, self.k, self.minmax_ties)
+            if self.scores_uri:
+                write_scores_block(self.scores_uri, f"block-{key}.parquet", self.audio_ids, cids, L)
+            rows, n_pairs = L, L.size
+        else:
+            a_pos = np.concatenate(audios)
+            c_pos = np.repeat(np.arange(len(cids)), [x.size for x in audios])
+            losses, refined = self.scorer.loss_pairs(a_pos, tokens, c_pos), None
+            res = score_pairs_block(a_pos, c_pos, losses, self.audio_ids, cids, self.k, self.minmax_ties)
+            if self.scores_uri:
+                ids = np.asarray(self.audio_ids, dtype=object)
+                table = pairs_table(ids[a_pos], np.asarray(cids, dtype=object)[c_pos], losses)
+                write_scores_file(self.scores_uri, f"block-{key}.parquet", table)
+            rows, n_pairs = _PairRows(a_pos, c_pos, losses, len(cids)), losses.size
         row = pa.table(
             {
                 "stats": [_ipc(pa.table(res.stats.columns()))],
                 "t2a": [_ipc(pa.table(res.t2a.columns()))],
                 "a2t_raw": [_ipc(pa.table(res.a2t_raw.columns()))],
                 "a2t_minmax": [_ipc(pa.table(res.a2t_minmax.columns()))],
-                **self._plot_rows(cids, L),
-                "n_pairs": [L.size],
+                **self._plot_rows(cids, rows),
+                "n_pairs": [n_pairs],
                 "rescored": [refined["rescored"] if refined else 0],
                 "max_rel_err": [refined["max_rel_err"] if refined else 0.0],
                 "seconds": [time.time() - t0],
@@ -384,9 +460,9 @@ class ScoreActor:
         pq.write_table(row, buf)
         return buf.getvalue()
 
-    def _plot_rows(self, cids: list[str], L: np.ndarray) -> dict[str, list[bytes]]:
+    def _plot_rows(self, cids: list[str], L) -> dict[str, list[bytes]]:
         """The block's share of the figures: the probe audios' losses of its captions, and
-        the heatmap corner's columns it holds."""
+        the heatmap corner's columns it holds. L: the (N, m) losses, or `_PairRows`."""
         probe = pa.table(
             {
                 "caption_id": pa.array(cids, pa.string()),
@@ -399,10 +475,24 @@ class ScoreActor:
         corner = pa.table(
             {
                 "caption_id": pa.array([cids[j] for j in cols], pa.string()),
-                **{a: pa.array(L[i, cols], pa.float32()) for i, a in enumerate(self.audio_ids[:CORNER])},
+                **{a: pa.array(L[i][cols], pa.float32()) for i, a in enumerate(self.audio_ids[:CORNER])},
             }
         )
         return {"probe": [_ipc(probe)], "corner": [_ipc(corner)]}
+
+
+class _PairRows:
+    """Listed pairs' losses read like the rows of an (N, m) matrix: row a is (m,), NaN where
+    (a, c) was not scored (the figures' audios and pairs always are: `build_candidates`)."""
+
+    def __init__(self, a_pos: np.ndarray, c_pos: np.ndarray, losses: np.ndarray, m: int):
+        self.a_pos, self.c_pos, self.losses, self.m = a_pos, c_pos, losses, m
+
+    def __getitem__(self, a: int) -> np.ndarray:
+        row = np.full(self.m, np.nan, dtype=np.float32)
+        sel = self.a_pos == a
+        row[self.c_pos[sel]] = self.losses[sel]
+        return row
 
 
 def _run_blocks(plan: ScorePlan, run: Run, fail_on_block: int | None) -> None:
@@ -415,7 +505,8 @@ def _run_blocks(plan: ScorePlan, run: Run, fail_on_block: int | None) -> None:
     # 1. one row per block of captions
     ds = ray.data.from_items(
         [
-            {"block": i, "caption_id": [cids[j] for j in blocks[i]], "tokens": [np.array(tokens[j], np.int32) for j in blocks[i]]}
+            {"block": i, "caption_id": [cids[j] for j in blocks[i]], "tokens": [np.array(tokens[j], np.int32) for j in blocks[i]],
+             **({"audios": [plan.cands.of(j) for j in blocks[i]]} if plan.cands is not None else {})}
             for i in run.pending
         ],
         override_num_blocks=len(run.pending),
@@ -487,8 +578,9 @@ def _reduce(plan: ScorePlan, run: Run) -> Reduced:
         n_pairs += int(row["n_pairs"])
         rescored += int(row["rescored"])
         max_rel_err = max(max_rel_err, float(row["max_rel_err"]))
-    if n_pairs != n * plan.n_captions:
-        raise RuntimeError(f"scored {n_pairs} pairs, expected {n} x {plan.n_captions} = {n * plan.n_captions}")
+    expected = sum(plan.n_pairs_of(i) for i in range(len(plan.blocks)))
+    if n_pairs != expected:
+        raise RuntimeError(f"scored {n_pairs} pairs, expected {expected} ({n} audios x {plan.n_captions} captions, candidates {plan.cfg.candidates})")
     stats = CaptionStats.from_columns(pa.concat_tables(stats_parts))
     minmax = authors_tie_order(mm.result(), k) if authors else mm.result()
     result = BlockResult(stats, topk_merge(t2a_parts, k, "t2a"), raw.result(), minmax)
@@ -507,8 +599,11 @@ def _metrics(plan: ScorePlan, run: Run, red: Reduced, score_seconds: float) -> d
     metrics: dict[str, Any] = {}
     if any(g is not None for g in plan.gt_of.values()) and cfg.k >= 10:
         r = red.result
-        metrics = retrieval_metrics(r.t2a, r.a2t_raw, r.a2t_minmax, plan.gt_of)
-    scored = plan.n_audios * sum(len(plan.blocks[i]) for i in run.pending)
+        metrics = retrieval_metrics(
+            r.t2a, r.a2t_raw, r.a2t_minmax, plan.gt_of,
+            index_ids=None if plan.cands is None else (plan.audio_ids, plan.caption_ids),
+        )
+    scored = sum(plan.n_pairs_of(i) for i in run.pending)
     metrics.update(
         {
             "n_audios": plan.n_audios,
@@ -522,6 +617,7 @@ def _metrics(plan: ScorePlan, run: Run, red: Reduced, score_seconds: float) -> d
             "blocks_skipped_on_resume": len(run.done),
             "scorer": {"version": SCORER_VERSION, "precision": cfg.scorer.precision},
             "minmax_ties": cfg.minmax_ties,
+            "candidates": plan.cand_info or {"mode": "exact"},
             "dcase_t2a": DCASE_FILE if plan.dcase_skip is None else f"not written: {plan.dcase_skip}",
             "checkpoint": plan.checkpoint_info,
         }
@@ -538,6 +634,8 @@ def _commit(plan: ScorePlan, run: Run, red: Reduced, metrics: dict) -> None:
     out.table("topk_t2a", pa.table(r.t2a.columns()))
     out.table("topk_a2t", pa.table(r.a2t_minmax.columns()))
     out.table("topk_a2t_raw", pa.table(r.a2t_raw.columns()))
+    if plan.described is not None:
+        out.table(DESCRIPTIONS, plan.described)
     out.json("metrics.json", metrics)
     if plan.file_names is not None:  # before the manifest, which names it
         storage.write_text(out.path(DCASE_FILE), dcase_task6b_csv(r.t2a, plan.caption_ids, plan.texts, plan.file_names))

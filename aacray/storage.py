@@ -150,6 +150,21 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def read_tabular(uri: str, what: str = "file") -> pa.Table:
+    """One Parquet (`.parquet`) or UTF-8 CSV file (anything else) -> a table; a CSV's empty
+    strings stay strings. what: how an error names the file ("caption file")."""
+    import pyarrow.csv as pacsv
+
+    data = read_bytes(uri)
+    if uri.endswith(".parquet"):
+        return pq.read_table(io.BytesIO(data))
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{uri}: not UTF-8 (byte {e.start}); save the {what} as UTF-8") from None
+    return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+
+
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri).decode("utf-8"))
 
