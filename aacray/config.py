@@ -224,7 +224,7 @@ class TrainConfig:
 @dataclass
 class ShortlistConfig:
     """score_matrix's candidate stage (`candidates: shortlist` or a pairs file;
-    aacray/shortlist.py, docs/operations.md section 9)."""
+    aacray/shortlist.py, docs/operations.md section 10)."""
 
     method: Literal["bm25", "profile"] = "bm25"
     """bm25: each audio's n-best generated captions against the caption texts by BM25
@@ -282,7 +282,7 @@ class ScoreConfig:
     index over the model's own descriptions of the audios proposes (`shortlist`), plus a
     sample for min/max. Or the URI of a Parquet file of (audio_id, caption_id) pairs made by
     any other retriever (a CLAP index, say), scored with the same sample. docs/operations.md
-    section 9."""
+    section 10."""
     shortlist: ShortlistConfig = field(default_factory=ShortlistConfig)
     k: int = 10
     """Length of every top-k list (>= 10 for Recall@10 and mAP@10)."""

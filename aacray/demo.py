@@ -36,13 +36,15 @@ def _stages():
     from aacray.scoring import run_score_matrix
     from aacray.train import run_train
 
+    # (stage, config class, job function, demo config, the job script that runs it)
     return [
-        ("make_demo_corpus", DemoCorpusConfig, run_make_demo_corpus, "configs/demo_corpus.yaml"),
-        ("extract_embeddings", ExtractConfig, run_extract, "configs/extract_demo.yaml"),
-        ("train_decoder", TrainConfig, run_train, "configs/train_demo.yaml"),
-        ("score_matrix", ScoreConfig, run_score_matrix, "configs/score_demo.yaml"),
-        ("caption", CaptionConfig, run_caption, "configs/caption_demo.yaml"),
-        ("perturb", PerturbConfig, run_perturb, "configs/perturb_demo.yaml"),
+        ("make_demo_corpus", DemoCorpusConfig, run_make_demo_corpus, "configs/demo_corpus.yaml", "make_demo_corpus"),
+        ("extract_embeddings", ExtractConfig, run_extract, "configs/extract_demo.yaml", "extract_embeddings"),
+        ("train_decoder", TrainConfig, run_train, "configs/train_demo.yaml", "train_decoder"),
+        ("score_matrix", ScoreConfig, run_score_matrix, "configs/score_demo.yaml", "score_matrix"),
+        ("score_shortlist", ScoreConfig, run_score_matrix, "configs/score_shortlist_demo.yaml", "score_matrix"),
+        ("caption", CaptionConfig, run_caption, "configs/caption_demo.yaml", "caption"),
+        ("perturb", PerturbConfig, run_perturb, "configs/perturb_demo.yaml", "perturb"),
     ]
 
 
@@ -100,6 +102,13 @@ def stage_line(s: StageResult) -> str:
             f"{r.get('n_audios', '?')} audios x {r.get('n_captions', '?')} captions = "
             f"{r.get('n_pairs', '?')} pairs, {_num(r.get('pairs_per_s'), '.0f')} pairs/s"
         )
+    if s.name == "score_shortlist":
+        c = r.get("candidates") or {}
+        return (
+            f"{c.get('method', '?')} K={c.get('k', '?')}: {r.get('n_pairs', '?')} pairs "
+            f"({_num(100 * c['share_of_all_pairs'] if 'share_of_all_pairs' in c else None, '.0f')}%); "
+            f"truth listed: T2A {_num(c.get('t2a_gt_in_list'), '.2f')}, A2T {_num(c.get('a2t_gt_in_list'), '.2f')}"
+        )
     if s.name == "caption":
         skipped, scores = r.get("skipped") or [], r.get("metrics") or {}
         n = sum(k in scores for _, k in CAPTION_COLUMNS)
@@ -118,18 +127,7 @@ def format_summary(stages: list[StageResult], total_seconds: float, where: str |
         lines.append(_clip(f"{s.name:20} {s.seconds:7.1f}  {stage_line(s)}"))
     lines.append(f"{'total':20} {total_seconds:7.1f}")
 
-    score = by.get("score_matrix")
-    if score is not None:
-        lines.append("")
-        if any(k in score for _, k in RETRIEVAL_ROWS):
-            lines.append(f"{'Retrieval':16} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'mAP@10':>6}")
-            for label, k in RETRIEVAL_ROWS:
-                m = score.get(k)
-                if m:
-                    cells = " ".join(f"{_num(m.get(c)):>6}" for c in ("R@1", "R@5", "R@10", "mAP@10"))
-                    lines.append(f"  {label:14} {cells}")
-        else:
-            lines.append("Retrieval: no ground truth (or k < 10): rankings only")
+    lines += _retrieval_lines(by.get("score_matrix"), by.get("score_shortlist"))
 
     cap = by.get("caption")
     if cap is not None:
@@ -157,6 +155,23 @@ def format_summary(stages: list[StageResult], total_seconds: float, where: str |
     if where:
         lines.append("")
         lines.append(_clip(f"outputs under {where}; every figure: {os.path.join(where, 'demo_summary.json')}"))
+    return lines
+
+
+def _retrieval_lines(score: dict | None, shortlist: dict | None) -> list[str]:
+    """The retrieval table: exact score_matrix rows, and the shortlist run's beside them."""
+    runs = [(tag, r) for tag, r in (("", score), (" (shortlist)", shortlist)) if r is not None]
+    if not runs:
+        return []
+    if not any(k in r for _, r in runs for _, k in RETRIEVAL_ROWS):
+        return ["", "Retrieval: no ground truth (or k < 10): rankings only"]
+    lines = ["", f"{'Retrieval':27} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'mAP@10':>6}"]
+    for tag, r in runs:
+        for label, k in RETRIEVAL_ROWS:
+            m = r.get(k)
+            if m:
+                cells = " ".join(f"{_num(m.get(c)):>6}" for c in ("R@1", "R@5", "R@10", "mAP@10"))
+                lines.append(f"  {label + tag:25} {cells}")
     return lines
 
 
@@ -235,11 +250,11 @@ def run_demo(argv: list[str]) -> int:
     stages: list[StageResult] = []
     t_all = time.time()
     try:
-        for name, cls, fn, path in plan:
+        for name, cls, fn, path, script in plan:
             if only and name not in only:
                 continue
             args = [*rebase_overrides(path, root), *overrides[name]]
-            print(f"\n===== {name}: python jobs/{name}.py {' '.join([path, *args])} =====", flush=True)
+            print(f"\n===== {name}: python jobs/{script}.py {' '.join([path, *args])} =====", flush=True)
             t0 = time.time()
             try:
                 result = fn(load_config(cls, [path, *args]))

@@ -4,7 +4,8 @@ Phases (the skeleton of aacray/stage.py), one function each:
 1. plan (`plan_score_matrix` -> `ScorePlan`): read and check the inputs in the driver, cut
    the captions into blocks, choose the plots' queries, add up what one actor will hold;
 2. set up (`_set_up` -> `Run`): refuse a plan no actor can hold (`stage.check_actor_memory`),
-   resume an unfinished run or begin the output, start Ray;
+   with `candidates` not exact start Ray and choose the pairs (`attach_candidates`:
+   aacray/candidates.py), resume an unfinished run or begin the output, start Ray;
 3. run (`_run_blocks`): every pending block x every audio on the actor pool (`ScoreActor`),
    one result file per block under `_blocks/`;
 4. reduce (`_reduce` -> `Reduced`): the blocks' stats, top-k lists and plot rows, merged;
@@ -12,7 +13,11 @@ Phases (the skeleton of aacray/stage.py), one function each:
    (`dcase_t2a.csv`), the manifest last; `_blocks/` removed.
 
 Blocks. The caption set is cut into blocks of `caption_block_size` captions; each block is
-scored against EVERY audio of the index by one actor of a Ray Data pool. So a block's
+scored against EVERY audio of the index by one actor of a Ray Data pool. With listed
+candidates (`candidates: shortlist` or a pairs file) a block holds about as many pairs
+instead (caption_block_size x N), each caption against its own audios
+(`BlockScorer.loss_pairs`, `retrieval.score_pairs_block`); a caption's pairs all sit in one
+block, so what follows holds alike. So a block's
 per-caption min/max and text-to-audio top-k are final when it finishes, and only the
 per-audio audio-to-text candidates (raw and min-max) are merged across blocks, by the
 driver. With `minmax_ties: authors` the min-max candidates also keep every caption tied at

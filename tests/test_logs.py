@@ -168,6 +168,11 @@ STAGES = [
                                        "t2a": {"R@1": 0.1, "R@5": 0.35, "R@10": 0.5, "mAP@10": 0.2, "n_queries": 400},
                                        "a2t_raw": {"R@1": 0.05, "R@5": 0.2, "R@10": 0.3, "n_queries": 80},
                                        "a2t_minmax": {"R@1": 0.125, "R@5": 0.4, "R@10": 0.6, "n_queries": 80}}),
+    StageResult("score_shortlist", 50.2, {"n_pairs": 27700, "candidates": {"method": "profile", "k": 20, "share_of_all_pairs": 0.86562,
+                                                                           "t2a_gt_in_list": 0.965, "a2t_gt_in_list": 0.95},
+                                          "t2a": {"R@1": 0.1, "R@5": 0.3, "R@10": 0.45, "mAP@10": 0.19, "n_queries": 400},
+                                          "a2t_raw": {"R@1": 0.05, "R@5": 0.2, "R@10": 0.3, "n_queries": 80},
+                                          "a2t_minmax": {"R@1": 0.125, "R@5": 0.375, "R@10": 0.55, "n_queries": 80}}),
     StageResult("caption", 30.0, {"n_audios": 80, "metrics": {"meteor": 0.1234, "cider_d": 0.4567, "spider": 0.3,
                                                               "vocab.cands": 57.0, "bleu_1": 0.5},
                                   "skipped": ["fense", "spice", "spider_fl"]}),
@@ -179,22 +184,26 @@ STAGES = [
 def test_format_summary_lines():
     lines = format_summary(STAGES, 413.3, "runs/demo")
     assert len(lines) < 40 and max(map(len, lines)) <= 100, lines
-    assert lines[:9] == [
+    assert lines[:10] == [
         "===== demo summary =====",
         "stage                 wall s  result",
         "make_demo_corpus         1.2  clips: development 300, validation 40, evaluation 80",
         "extract_embeddings      25.4  418 of 420 clips written, 2 quarantined (16.5 clips/s)",
         "train_decoder          296.6  30 epochs; val loss 4.263 -> 2.144; matched beats random 96.1% of 200",
         "score_matrix            40.1  80 audios x 400 captions = 32000 pairs, 5123 pairs/s",
+        "score_shortlist         50.2  profile K=20: 27700 pairs (87%); truth listed: T2A 0.96, A2T 0.95",
         "caption                 30.0  80 audios captioned, 5 metrics (3 n/a)",
         "perturb                 20.0  1234 perturbed captions scored on their audio",
         "total                  413.3",
     ]
     text = "\n".join(lines)
-    assert "\nRetrieval           R@1    R@5   R@10 mAP@10\n" in text
-    assert "\n  text-to-audio   0.100  0.350  0.500  0.200\n" in text
-    assert "\n  audio-to-text   0.050  0.200  0.300      -\n" in text
-    assert "\n  A2T min-max     0.125  0.400  0.600      -\n" in text
+    assert "\nRetrieval                      R@1    R@5   R@10 mAP@10\n" in text
+    assert "\n  text-to-audio              0.100  0.350  0.500  0.200\n" in text
+    assert "\n  audio-to-text              0.050  0.200  0.300      -\n" in text
+    assert "\n  A2T min-max                0.125  0.400  0.600      -\n" in text
+    # the shortlist run's rows under the exact ones
+    assert "\n  text-to-audio (shortlist)  0.100  0.300  0.450  0.190\n" in text
+    assert "\n  A2T min-max (shortlist)    0.125  0.375  0.550      -\n" in text
     assert "\nCaptions  METEOR CIDEr-D SPIDEr  Vocab BLEU-1\n           0.123   0.457  0.300     57  0.500\n" in text
     assert "\n  n/a: fense, spice, spider_fl (why: caption/metrics.json)\n" in text
     assert "\n  replace_bat           0.600    0.650\n  invert_seq                -        -\n" in text
