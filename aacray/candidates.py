@@ -25,12 +25,11 @@ from aacray.captioning import map_audios
 from aacray.config import CaptionConfig, ScoreConfig
 from aacray.errors import BadInputError
 from aacray.shortlist import (
-    bm25_scores,
+    bm25_top_k,
     candidate_pairs,
-    profile_scores,
+    profile_top_k,
     sample_audios,
     shortlist_figures,
-    top_k,
 )
 from aacray.text import words
 
@@ -97,12 +96,10 @@ def retrieve(method: str, k: int, described: pa.Table, texts: list[str], tokens:
     if method == "bm25":
         audio_words = [words(" ".join(b)) for b in described.column("beams").to_pylist()]
         caption_words = [words(t) for t in texts]
-        a2t = top_k(bm25_scores(audio_words, caption_words), k)
-        t2a = top_k(bm25_scores(caption_words, audio_words), k)
+        a2t, t2a = bm25_top_k(audio_words, caption_words, k), bm25_top_k(caption_words, audio_words, k)
     else:
         log_p = np.asarray(described.column("profile").to_pylist(), dtype=np.float32)
-        S = profile_scores(log_p, tokens, skip)
-        a2t, t2a = top_k(S, k), top_k(S.T, k)
+        a2t, t2a = profile_top_k(log_p, tokens, skip, k)
     return a2t, t2a, time.time() - t0
 
 

@@ -28,22 +28,39 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+CHUNK = 1024  # queries scored at a time: the (Q, D) score matrix never exists whole
 
-def bm25_scores(queries: list[list[str]], docs: list[list[str]]) -> np.ndarray:
-    """BM25 (bm25s, Lucene's variant, its defaults) of each query against each document:
-    (Q, D) float32, higher = better. A query word repeated counts each time; a word no
-    document holds scores nothing."""
+
+def _bm25_index(docs: list[list[str]]):
     import bm25s  # only the shortlist needs it
 
     index = bm25s.BM25()
     index.index(docs, show_progress=False)
+    return index
+
+
+def _bm25_rows(index, queries: list[list[str]], n_docs: int) -> np.ndarray:
     vocab = index.vocab_dict
-    out = np.zeros((len(queries), len(docs)), dtype=np.float32)
+    out = np.zeros((len(queries), n_docs), dtype=np.float32)
     for i, q in enumerate(queries):
         known = [w for w in q if w in vocab]
         if known:
             out[i] = index.get_scores(known)
     return out
+
+
+def bm25_scores(queries: list[list[str]], docs: list[list[str]]) -> np.ndarray:
+    """BM25 (bm25s, Lucene's variant, its defaults) of each query against each document:
+    (Q, D) float32, higher = better. A query word repeated counts each time; a word no
+    document holds scores nothing."""
+    return _bm25_rows(_bm25_index(docs), queries, len(docs))
+
+
+def bm25_top_k(queries: list[list[str]], docs: list[list[str]], k: int) -> np.ndarray:
+    """`top_k` of `bm25_scores`, CHUNK queries at a time: (Q, min(k, D)) int64."""
+    index = _bm25_index(docs)
+    parts = [top_k(_bm25_rows(index, queries[q0 : q0 + CHUNK], len(docs)), k) for q0 in range(0, len(queries), CHUNK)]
+    return np.concatenate(parts) if parts else np.zeros((0, min(k, len(docs))), dtype=np.int64)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -68,10 +85,8 @@ def word_profiles(model, memory: torch.Tensor, mask: torch.Tensor | None, tokens
     return mean.clamp_min(1e-12).log().cpu().numpy()
 
 
-def profile_scores(log_p: np.ndarray, captions: list[list[int]], skip: set[int]) -> np.ndarray:
-    """log_p (N, V) word profiles, captions M token lists -> (N, M) float32: the mean over a
-    caption's tokens (bar those in `skip`: bos, eos, pad) of log p_a(w) - log p(w), with
-    p(w) the mean profile of the index. Higher = better."""
+def _profile_parts(log_p: np.ndarray, captions: list[list[int]], skip: set[int]):
+    """(each caption's mean word counts, (M, V) sparse; the profiles' PMI, (N, V) float32)."""
     import scipy.sparse as sp
 
     V = log_p.shape[1]
@@ -82,8 +97,27 @@ def profile_scores(log_p: np.ndarray, captions: list[list[int]], skip: set[int])
         cols += kept
     count = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(captions), V))
     count = sp.diags(1.0 / np.maximum(np.asarray(count.sum(axis=1)).ravel(), 1)) @ count
-    pmi = log_p.astype(np.float64) - np.log(np.exp(log_p.astype(np.float64)).mean(axis=0))
+    lp = log_p.astype(np.float64)
+    pmi = lp - np.log(np.exp(lp).mean(axis=0))
+    return count.tocsr(), pmi
+
+
+def profile_scores(log_p: np.ndarray, captions: list[list[int]], skip: set[int]) -> np.ndarray:
+    """log_p (N, V) word profiles, captions M token lists -> (N, M) float32: the mean over a
+    caption's tokens (bar those in `skip`: bos, eos, pad) of log p_a(w) - log p(w), with
+    p(w) the mean profile of the index. Higher = better."""
+    count, pmi = _profile_parts(log_p, captions, skip)
     return np.asarray((count @ pmi.T).T, dtype=np.float32)
+
+
+def profile_top_k(log_p: np.ndarray, captions: list[list[int]], skip: set[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k` of `profile_scores` both ways, CHUNK rows at a time: (a2t (N, min(k, M))
+    caption positions, t2a (M, min(k, N)) audio positions)."""
+    count, pmi = _profile_parts(log_p, captions, skip)
+    n, m = pmi.shape[0], count.shape[0]
+    a2t = [top_k(np.asarray((count @ pmi[a0 : a0 + CHUNK].T).T, np.float32), k) for a0 in range(0, n, CHUNK)]
+    t2a = [top_k(np.asarray(count[c0 : c0 + CHUNK] @ pmi.T, np.float32), k) for c0 in range(0, m, CHUNK)]
+    return np.concatenate(a2t), np.concatenate(t2a)
 
 
 def sample_audios(n: int, size: int, seed: int, include: list[int] | None = None) -> np.ndarray:

@@ -178,19 +178,42 @@ def test_score_pairs_block_ranks_only_listed_pairs():
     assert got.a2t_minmax.lists() == {a: v for a, v in exp_mm.items() if v}
 
 
-def test_n_best_beams_start_with_beam_search_and_are_sorted():
-    from aacray.decoder import CaptionDecoder, DecoderConfig
+def test_n_best_beams_are_distinct_sorted_and_scored_by_the_model():
+    """Every kept beam's score is its mean log p under the model (with no decoding rule on,
+    the masked distribution is the plain softmax: score = -pair_loss); beams are distinct,
+    best first, and the first is `beam_search`'s caption."""
+    from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss
     from aacray.decoding import beam_search, beam_search_n_best
     from aacray.text import WordTokenizer
 
     torch.manual_seed(0)
     tok = WordTokenizer.build(["a dog barks", "rain on a roof", "a car passes by", "birds chirp"])
-    model = CaptionDecoder(DecoderConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=12), tok.vocab_size, tok.pad_id)
+    model = CaptionDecoder(DecoderConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=12), tok.vocab_size, tok.pad_id).eval()
     frames = torch.randn(3, 5, 768)
-    best = beam_search(model, frames, None, tok, beam_size=4, min_len=1, max_len=6)
-    beams = beam_search_n_best(model, frames, None, tok, beam_size=4, min_len=1, max_len=6)
-    assert [b[0] for b in beams] == best
-    for b in beams:
-        assert 1 <= len(b) <= 4
+    rules = {"min_len": 0, "max_len": 6, "forbid_repeats": False, "ban_specials": False}
+    beams = beam_search_n_best(model, frames, None, tok, beam_size=4, **rules)
+    assert [b[0] for b in beams] == beam_search(model, frames, None, tok, beam_size=4, **rules)
+    for i, b in enumerate(beams):
+        assert len(b) == 4
         assert [g.score for g in b] == sorted((g.score for g in b), reverse=True)
         assert len({tuple(g.tokens) for g in b}) == len(b)  # distinct hypotheses
+        for g in b:
+            with torch.inference_mode():
+                loss = pair_loss(model, frames[i : i + 1], None, torch.tensor([g.tokens]), tok.pad_id)
+            assert g.score == pytest.approx(-float(loss), abs=1e-5)
+
+
+def test_chunked_top_k_equals_the_whole_matrix(monkeypatch):
+    """bm25_top_k and profile_top_k score CHUNK queries at a time: the same lists as top_k
+    over the whole score matrix (here chunks of 2 rows)."""
+    from aacray import shortlist
+
+    monkeypatch.setattr(shortlist, "CHUNK", 2)
+    docs, queries = [words(d) for d in DOCS], [words(q) for q in QUERIES]
+    assert shortlist.bm25_top_k(queries, docs, 3).tolist() == top_k(bm25_scores(queries, docs), 3).tolist()
+    rng = np.random.default_rng(4)
+    log_p = np.log(rng.dirichlet(np.ones(9), size=5)).astype(np.float32)
+    caps = [[0, *rng.integers(2, 9, size=rng.integers(1, 5)).tolist(), 1] for _ in range(7)]
+    a2t, t2a = shortlist.profile_top_k(log_p, caps, {0, 1}, 4)
+    S = profile_scores(log_p, caps, {0, 1})
+    assert a2t.tolist() == top_k(S, 4).tolist() and t2a.tolist() == top_k(S.T, 4).tolist()
