@@ -66,8 +66,21 @@ def bm25_top_k(queries: list[list[str]], docs: list[list[str]], k: int) -> np.nd
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """(Q, D) scores, higher = better -> (Q, min(k, D)) int64 positions of each row's best,
     ties by the lower position (a total order: the same lists on every machine)."""
-    k = min(k, scores.shape[1])
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
+    Q, D = scores.shape
+    k = min(k, D)
+    if k == 0 or Q == 0:
+        return np.zeros((Q, k), dtype=np.int64)
+    neg = -scores
+    if k < D:  # np.partition finds each row's k-th; only what is at or above it is sorted
+        kth = np.partition(neg, k - 1, axis=1)[:, k - 1 : k]
+        rows, cols = np.nonzero(neg <= kth)  # >= k a row, boundary ties all kept
+    else:
+        rows, cols = np.divmod(np.arange(Q * D), D)
+    order = np.lexsort((cols, neg[rows, cols], rows))
+    rows, cols = rows[order], cols[order]
+    first = np.searchsorted(rows, np.arange(Q))
+    keep = np.arange(rows.size) - first[rows] < k
+    return cols[keep].reshape(Q, k).astype(np.int64)
 
 
 def word_profiles(model, memory: torch.Tensor, mask: torch.Tensor | None, tokens: list[list[int]]) -> np.ndarray:

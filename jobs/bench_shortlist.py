@@ -73,10 +73,19 @@ def distractor_db(embeddings: str, path: str) -> str:
 
 
 def job(base: dict, out: str, **kw) -> tuple[dict, float]:
+    """One run of the job; a finished output of an earlier bench (its wall time saved beside
+    it) is read back instead of run again."""
+    wall_file = out.rstrip("/") + ".wall.json"
+    if os.path.exists(wall_file) and storage.exists(storage.join(out, "_MANIFEST.json")):
+        with open(wall_file) as f:
+            return storage.read_json(storage.join(out, "metrics.json")), json.load(f)["wall_s"]
     cfg = from_dict(ScoreConfig, {**base, "output": out, **kw})
     t0 = time.time()
     run_score_matrix(cfg)
-    return storage.read_json(storage.join(out, "metrics.json")), time.time() - t0
+    wall = time.time() - t0
+    with open(wall_file, "w") as f:
+        json.dump({"wall_s": wall, "load": os.getloadavg()}, f)
+    return storage.read_json(storage.join(out, "metrics.json")), wall
 
 
 def exact_losses(out: str, plan) -> np.ndarray:
@@ -100,10 +109,10 @@ def overlap(exact: dict[str, list[str]], got: dict[str, list[str]]) -> float:
     return float(np.mean([len(set(v) & set(got.get(q, []))) / len(v) for q, v in exact.items()]))
 
 
-def offline(base: dict, exact_out: str, described: str, method: str, k: int, L: np.ndarray, exact_lists: dict):
-    """One (method, K): the job's candidates, ranked on the exact losses."""
-    cfg = from_dict(ScoreConfig, {**base, "output": "/tmp/unused", "candidates": "shortlist",
-                                  "shortlist": {**base.get("shortlist", {}), "method": method, "k": k, "descriptions": described}})
+def offline(base: dict, described: str, method: str, k: int, sample: int, L: np.ndarray, exact_lists: dict):
+    """One (method, K, min/max sample): the job's candidates, ranked on the exact losses."""
+    sl = {**base.get("shortlist", {}), "method": method, "k": k, "minmax_sample": sample, "descriptions": described}
+    cfg = from_dict(ScoreConfig, {**base, "output": "/tmp/unused", "candidates": "shortlist", "shortlist": sl})
     plan = plan_score_matrix(cfg)
     attach_candidates(plan)
     c = plan.cands
@@ -113,7 +122,7 @@ def offline(base: dict, exact_out: str, described: str, method: str, k: int, L: 
     tables = {"t2a": res.t2a, "a2t_raw": res.a2t_raw, "a2t_minmax": res.a2t_minmax}
     ov = {kind: round(overlap(exact_lists[kind], top10(tables[kind].lists())), 4) for kind in KINDS}
     info = plan.cand_info
-    return {"method": method, "k": k, "pairs": c.n_pairs, "share": info["share_of_all_pairs"],
+    return {"method": method, "k": k, "sample": sample, "pairs": c.n_pairs, "share": info["share_of_all_pairs"],
             "t2a_gt_in_list": info.get("t2a_gt_in_list"), "a2t_gt_in_list": info.get("a2t_gt_in_list"),
             "overlap_top10": ov, **{kind: {x: m[kind][x] for x in ("R@1", "R@5", "R@10", "mAP@10")} for kind in KINDS}}
 
@@ -138,7 +147,8 @@ def run_setting(name: str, args, base: dict) -> dict:
                      "describe_s": m["candidates"]["describe_seconds"], "described": m["candidates"]["described"],
                      **{kind: {x: m[kind][x] for x in ("R@1", "R@5", "R@10", "mAP@10")} for kind in KINDS}})
         print(f"[{name}] ran {args.method} K={k}: {m['n_pairs']} pairs, {wall:.0f} s", flush=True)
-    rows = [offline(base, exact_out, described, method, k, L, exact_lists) for method in ("bm25", "profile") for k in args.ks]
+    rows = [offline(base, described or args.descriptions, method, k, sample, L, exact_lists)
+            for sample in args.samples for method in ("bm25", "profile") for k in args.ks]
     return {"n_audios": m_exact["n_audios"], "n_captions": m_exact["n_captions"], "exact": {
         "pairs": m_exact["n_pairs"], "wall_s": round(wall_exact, 1), "score_s": m_exact["score_seconds"],
         **{kind: {x: m_exact[kind][x] for x in ("R@1", "R@5", "R@10", "mAP@10")} for kind in KINDS}},
@@ -159,11 +169,11 @@ def markdown(res: dict) -> str:
                 f"exact: {e['pairs']} pairs, wall {e['wall_s']} s (scoring {e['score_s']} s); T2A R@1/5/10/mAP@10 "
                 + "/".join(f"{e['t2a'][x]:.3f}" for x in ("R@1", "R@5", "R@10", "mAP@10"))
                 + "; A2T min-max " + "/".join(f"{e['a2t_minmax'][x]:.3f}" for x in ("R@1", "R@5", "R@10", "mAP@10")), "",
-                "| method | K | pairs (share) | GT in list T2A / A2T | top-10 overlap T2A / A2T mm | T2A R@1 / R@5 / R@10 / mAP@10 | A2T mm R@1 / R@5 / R@10 / mAP@10 |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
+                "| method | K | sample | pairs (share) | GT in list T2A / A2T | top-10 overlap T2A / A2T mm | T2A R@1 / R@5 / R@10 / mAP@10 | A2T mm R@1 / R@5 / R@10 / mAP@10 |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in s["offline"]:
             out.append(
-                f"| {r['method']} | {r['k']} | {r['pairs']} ({r['share']:.1%}) | {r['t2a_gt_in_list']:.3f} / {r['a2t_gt_in_list']:.3f} "
+                f"| {r['method']} | {r['k']} | {r['sample']} | {r['pairs']} ({r['share']:.1%}) | {r['t2a_gt_in_list']:.3f} / {r['a2t_gt_in_list']:.3f} "
                 f"| {r['overlap_top10']['t2a']:.3f} / {r['overlap_top10']['a2t_minmax']:.3f} | "
                 + " / ".join(f"{r['t2a'][x]:.3f}" for x in ("R@1", "R@5", "R@10", "mAP@10")) + " | "
                 + " / ".join(f"{r['a2t_minmax'][x]:.3f}" for x in ("R@1", "R@5", "R@10", "mAP@10")) + " |")
@@ -188,7 +198,7 @@ def plot(res: dict, path: str) -> None:
     for ax, name in zip(axes[0], names, strict=True):
         s = res["settings"][name]
         for method, style in (("bm25", "--"), ("profile", "-")):
-            rows = [r for r in s["offline"] if r["method"] == method]
+            rows = [r for r in s["offline"] if r["method"] == method and r["sample"] == res["minmax_sample"]]
             ks = [r["k"] for r in rows]
             ax.plot(ks, [r["t2a_gt_in_list"] for r in rows], style + "o", color="C0", label=f"{method}: T2A GT in list")
             ax.plot(ks, [r["a2t_gt_in_list"] for r in rows], style + "s", color="C1", label=f"{method}: A2T GT in list")
@@ -215,11 +225,15 @@ def main() -> None:
     ap.add_argument("--run-ks", default="10,20,50,100,200", help="K values run through the job (per setting)")
     ap.add_argument("--method", default="profile", help="the method of the job runs")
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--minmax-sample", type=int, default=64)
+    ap.add_argument("--minmax-sample", type=int, default=64, help="the job runs' sample")
+    ap.add_argument("--samples", default="", help="samples of the offline rows (default: --minmax-sample)")
+    ap.add_argument("--descriptions", default=None, help="a shortlist output whose descriptions the offline rows use "
+                    "when --run-ks is empty")
     ap.add_argument("--num-actors", type=int, default=2)
     args = ap.parse_args()
     args.ks = [int(x) for x in args.ks.split(",")]
     args.run_ks = [int(x) for x in args.run_ks.split(",") if x]
+    args.samples = [int(x) for x in args.samples.split(",") if x] or [args.minmax_sample]
     base = {"checkpoint": args.checkpoint, "audio": args.embeddings, "captions": args.embeddings, "k": 10,
             "caption_block_size": 50, "scorer": {"precision": args.precision, "pairs_per_batch": 2048},
             "shortlist": {"minmax_sample": args.minmax_sample}, "dcase_export": False,

@@ -67,6 +67,10 @@ def test_top_k_breaks_ties_by_position_and_caps_at_the_row():
     s = np.array([[1.0, 3.0, 3.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
     assert top_k(s, 3).tolist() == [[1, 2, 0], [0, 1, 2]]
     assert top_k(s, 10).shape == (2, 4)
+    rng = np.random.default_rng(6)  # against a full stable sort, ties everywhere
+    for k in (1, 3, 7, 12):
+        s = rng.integers(0, 4, size=(9, 12)).astype(np.float32)
+        assert top_k(s, k).tolist() == np.argsort(-s, axis=1, kind="stable")[:, :k].tolist(), k
 
 
 def test_profile_scores_match_a_loop():
