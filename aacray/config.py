@@ -226,10 +226,11 @@ class ShortlistConfig:
     """score_matrix's candidate stage (`candidates: shortlist` or a pairs file;
     aacray/shortlist.py, docs/operations.md section 10)."""
 
-    method: Literal["bm25", "profile"] = "bm25"
-    """bm25: each audio's n-best generated captions against the caption texts by BM25
-    (bm25s, Lucene's formula). profile: each caption's mean pointwise mutual information with
-    the audio under the decoder's word distribution along its best caption (docs/shortlist.md)."""
+    method: Literal["bm25", "profile"] = "profile"
+    """profile: each caption's mean pointwise mutual information with the audio under the
+    decoder's word distribution along its best caption. bm25: each audio's n-best generated
+    captions against the caption texts by BM25 (bm25s, Lucene's formula). profile kept more
+    true matches in its lists in docs/shortlist.md's measurements, hence the default."""
     k: int = 50
     """Candidates per query: the top k captions of each audio (A2T) and the top k audios of
     each caption (T2A); must be >= the tables' k."""

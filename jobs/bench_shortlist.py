@@ -20,7 +20,8 @@ Per setting, all through the real job (`run_score_matrix`, one embedded Ray):
    (`score_pairs_block`): recall of the ground truth in the shortlist, overlap of exact's
    top-10 lists, R@1/5/10 and mAP@10. Where a K was also run (2), the job's figures are
    printed beside these (they agree unless fp32 rounding swaps a near-tie).
-Writes O/shortlist.json, O/shortlist.md (the tables) and O/shortlist.png (the plot).
+Writes O/shortlist.json, O/shortlist.md (the tables) and O/shortlist.png (the plot);
+`--merge A/shortlist.json B/shortlist.json --out O` joins runs of one setting each.
 """
 
 from __future__ import annotations
@@ -204,6 +205,8 @@ def plot(res: dict, path: str) -> None:
             ax.plot(ks, [r["a2t_gt_in_list"] for r in rows], style + "s", color="C1", label=f"{method}: A2T GT in list")
             ax.plot(ks, [r["t2a"]["R@1"] for r in rows], style + "^", color="C2", label=f"{method}: T2A R@1")
             ax.plot(ks, [r["a2t_minmax"]["R@1"] for r in rows], style + "v", color="C3", label=f"{method}: A2T mm R@1")
+        rows = [r for r in s["offline"] if r["method"] == "profile" and r["sample"] == res["minmax_sample"]]
+        ax.plot([r["k"] for r in rows], [r["share"] for r in rows], "-x", color="0.5", label="pairs scored / (N x M)")
         ax.axhline(s["exact"]["t2a"]["R@1"], color="C2", lw=0.8, ls=":", label="exact T2A R@1")
         ax.axhline(s["exact"]["a2t_minmax"]["R@1"], color="C3", lw=0.8, ls=":", label="exact A2T mm R@1")
         ax.set_xscale("log")
@@ -215,11 +218,25 @@ def plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(paths: list[str], out: str) -> None:
+    """Several runs' shortlist.json (one setting each) -> one table and one plot under out."""
+    res = None
+    for p in paths:
+        with open(p) as f:
+            r = json.load(f)
+        res = r if res is None else {**res, "settings": {**res["settings"], **r["settings"]}}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "shortlist.md"), "w") as f:
+        f.write(markdown(res))
+    plot(res, os.path.join(out, "shortlist.png"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--embeddings", required=True)
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--embeddings")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--merge", nargs="+", help="only merge these shortlist.json files into --out")
     ap.add_argument("--settings", default="a2t_heavy,t2a_heavy")
     ap.add_argument("--ks", default="10,20,50,100,200")
     ap.add_argument("--run-ks", default="10,20,50,100,200", help="K values run through the job (per setting)")
@@ -231,6 +248,10 @@ def main() -> None:
                     "when --run-ks is empty")
     ap.add_argument("--num-actors", type=int, default=2)
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
+    if not (args.checkpoint and args.embeddings):
+        ap.error("--checkpoint and --embeddings are required")
     args.ks = [int(x) for x in args.ks.split(",")]
     args.run_ks = [int(x) for x in args.run_ks.split(",") if x]
     args.samples = [int(x) for x in args.samples.split(",") if x] or [args.minmax_sample]
