@@ -62,10 +62,17 @@ def beam_search(
     frame_pad_mask: Tensor | None,
     tokenizer: WordTokenizer,
     beam_size: int = 3,
-    **rules,
+    min_len: int = 3,
+    max_len: int = 20,
+    forbid_repeats: bool = True,
+    stopwords: Iterable[str] | None = None,
+    ban_specials: bool = True,
 ) -> list[Generated]:
     """Caption each audio: the best beam of `beam_search_n_best` (same arguments), B results."""
-    return [beams[0] for beams in beam_search_n_best(model, frames, frame_pad_mask, tokenizer, beam_size, **rules)]
+    beams = beam_search_n_best(
+        model, frames, frame_pad_mask, tokenizer, beam_size, min_len, max_len, forbid_repeats, stopwords, ban_specials
+    )
+    return [b[0] for b in beams]
 
 
 def beam_search_n_best(
