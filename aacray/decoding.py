@@ -17,7 +17,9 @@ Choices worth knowing:
   beam with its score: the audio goes on with one beam fewer, and ends with beam_size
   finished hypotheses. A hypothesis' score is its mean log-prob per generated token
   (words and eos, not bos) under the masked distribution; the best mean wins (the first
-  slot on ties), no other length penalty. Without masks at work (no repeat forbidden, eos
+  slot on ties), no other length penalty. `beam_search` returns that best one per audio;
+  `beam_search_n_best` every finished hypothesis, best first (the shortlist's
+  descriptions, aacray/shortlist.py). Without masks at work (no repeat forbidden, eos
   not forbidden, no special banned) the score is -pair_loss of its tokens.
 - The new hypotheses of an audio fill its live slots in slot order, as conette's do.
 - All audios of a batch are decoded together: the audio memory is computed once per
@@ -27,6 +29,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -54,25 +57,6 @@ def content_word_mask(tokenizer: WordTokenizer, stopwords: Iterable[str] | None 
     stopwords None: the tokenizer's own (NLTK's list; a CoNeTTE folder's, from its mask)."""
     stop = tokenizer.stopwords if stopwords is None else frozenset(stopwords)
     return torch.tensor([w not in stop for w in tokenizer.itos], dtype=torch.bool)
-
-
-def beam_search(
-    model: CaptionDecoder,
-    frames: Tensor,
-    frame_pad_mask: Tensor | None,
-    tokenizer: WordTokenizer,
-    beam_size: int = 3,
-    min_len: int = 3,
-    max_len: int = 20,
-    forbid_repeats: bool = True,
-    stopwords: Iterable[str] | None = None,
-    ban_specials: bool = True,
-) -> list[Generated]:
-    """Caption each audio: the best beam of `beam_search_n_best` (same arguments), B results."""
-    beams = beam_search_n_best(
-        model, frames, frame_pad_mask, tokenizer, beam_size, min_len, max_len, forbid_repeats, stopwords, ban_specials
-    )
-    return [b[0] for b in beams]
 
 
 def beam_search_n_best(
@@ -126,6 +110,12 @@ def beam_search_n_best(
             return _beam_search(model, frames, frame_pad_mask, tokenizer, beam_size, max_len, rules)
     finally:
         model.train(was_training)
+
+
+@functools.wraps(beam_search_n_best, assigned=())  # its signature (inspect follows __wrapped__)
+def beam_search(*args, **kwargs) -> list[Generated]:
+    """Caption each audio: the best beam of `beam_search_n_best` (same arguments), B results."""
+    return [b[0] for b in beam_search_n_best(*args, **kwargs)]
 
 
 class _Rules(NamedTuple):
