@@ -170,7 +170,7 @@ class ScorePlan:
         """Pairs block `block` scores."""
         if self.cands is None:
             return self.n_audios * len(self.blocks[block])
-        return int(sum(self.cands.start[j + 1] - self.cands.start[j] for j in self.blocks[block]))
+        return int(self.cands.per_caption[self.blocks[block]].sum())
 
     @property
     def n_audios(self) -> int:
@@ -243,14 +243,15 @@ def attach_candidates(plan: ScorePlan) -> None:
         plan.caption_ids, plan.texts, plan.tokens, gt, plan.skip_ids, [a_of[a] for a in plan.probe_audios],
         (corner[:, 0], corner[:, 1]), plan.checkpoint_info,
     )
-    fewest = int(np.diff(plan.cands.start).min())
+    per_caption = plan.cands.per_caption
+    fewest = int(per_caption.min())
     if plan.file_names is not None and fewest < DCASE_TOP_N:
         plan.file_names = None
         plan.dcase_skip = f"a caption has {fewest} candidate audios, and the format lists {DCASE_TOP_N} per caption"
     budget, blocks, current, size = cfg.caption_block_size * plan.n_audios, [], [], 0
     for j in (j for b in plan.blocks for j in b):  # the length order of the exact blocks
         current.append(j)
-        size += int(plan.cands.start[j + 1] - plan.cands.start[j])
+        size += int(per_caption[j])
         if size >= budget:
             blocks, current, size = blocks + [current], [], 0
     plan.blocks = blocks + ([current] if current else [])

@@ -158,6 +158,11 @@ class Candidates:
     def n_pairs(self) -> int:
         return int(self.audio.size)
 
+    @property
+    def per_caption(self) -> np.ndarray:
+        """(M,) int64: how many audios each caption is scored against."""
+        return np.diff(self.start)
+
     def of(self, j: int) -> np.ndarray:
         return self.audio[self.start[j] : self.start[j + 1]]
 

@@ -117,7 +117,7 @@ def offline(base: dict, described: str, method: str, k: int, sample: int, L: np.
     plan = plan_score_matrix(cfg)
     attach_candidates(plan)
     c = plan.cands
-    c_pos = np.repeat(np.arange(plan.n_captions), np.diff(c.start))
+    c_pos = np.repeat(np.arange(plan.n_captions), c.per_caption)
     res = score_pairs_block(c.audio, c_pos, L[c.audio, c_pos], plan.audio_ids, plan.caption_ids, max(cfg.k, 10))
     m = retrieval_metrics(res.t2a, res.a2t_raw, res.a2t_minmax, plan.gt_of, index_ids=(plan.audio_ids, plan.caption_ids))
     tables = {"t2a": res.t2a, "a2t_raw": res.a2t_raw, "a2t_minmax": res.a2t_minmax}
