@@ -73,20 +73,21 @@ def distractor_db(embeddings: str, path: str) -> str:
     return path
 
 
-def job(base: dict, out: str, **kw) -> tuple[dict, float]:
-    """One run of the job; a finished output of an earlier bench (its wall time saved beside
-    it) is read back instead of run again."""
+def job(base: dict, out: str, **kw) -> tuple[dict, dict]:
+    """One run of the job -> (metrics, timing: wall_s and the load averages at its end); a
+    finished output of an earlier bench (its timing saved beside it) is read back instead of
+    run again."""
     wall_file = out.rstrip("/") + ".wall.json"
     if os.path.exists(wall_file) and storage.exists(storage.join(out, "_MANIFEST.json")):
         with open(wall_file) as f:
-            return storage.read_json(storage.join(out, "metrics.json")), json.load(f)["wall_s"]
+            return storage.read_json(storage.join(out, "metrics.json")), json.load(f)
     cfg = from_dict(ScoreConfig, {**base, "output": out, **kw})
     t0 = time.time()
     run_score_matrix(cfg)
-    wall = time.time() - t0
+    timing = {"wall_s": time.time() - t0, "load": os.getloadavg()}
     with open(wall_file, "w") as f:
-        json.dump({"wall_s": wall, "load": os.getloadavg()}, f)
-    return storage.read_json(storage.join(out, "metrics.json")), wall
+        json.dump(timing, f)
+    return storage.read_json(storage.join(out, "metrics.json")), timing
 
 
 def exact_losses(out: str, plan) -> np.ndarray:
@@ -134,7 +135,7 @@ def run_setting(name: str, args, base: dict) -> dict:
     if name == "a2t_heavy":
         base["captions"] = distractor_db(args.embeddings, os.path.join(root, "captions.parquet"))
     exact_out = os.path.join(root, "exact")
-    m_exact, wall_exact = job(base, exact_out, write_scores=True, plots=False)
+    m_exact, t_exact = job(base, exact_out, write_scores=True, plots=False)
     plan = plan_score_matrix(from_dict(ScoreConfig, {**base, "output": exact_out}))
     L = exact_losses(exact_out, plan)
     exact_lists = {kind: top10(_lists(exact_out, table, kind)) for kind, table in KINDS.items()}
@@ -142,16 +143,18 @@ def run_setting(name: str, args, base: dict) -> dict:
     for k in args.run_ks:
         out = os.path.join(root, f"{args.method}_k{k}")
         sl = {"method": args.method, "k": k, **({"descriptions": described} if described else {})}
-        m, wall = job(base, out, candidates="shortlist", shortlist=sl, plots=False)
+        m, t = job(base, out, candidates="shortlist", shortlist=sl, plots=False)
         described = described or out
-        runs.append({"k": k, "pairs": m["n_pairs"], "wall_s": round(wall, 1), "score_s": m["score_seconds"],
+        wall = t["wall_s"]
+        runs.append({"k": k, "pairs": m["n_pairs"], "wall_s": round(wall, 1), "load": t.get("load"), "score_s": m["score_seconds"],
                      "describe_s": m["candidates"]["describe_seconds"], "described": m["candidates"]["described"],
                      **{kind: {x: m[kind][x] for x in ("R@1", "R@5", "R@10", "mAP@10")} for kind in KINDS}})
         print(f"[{name}] ran {args.method} K={k}: {m['n_pairs']} pairs, {wall:.0f} s", flush=True)
     rows = [offline(base, described or args.descriptions, method, k, sample, L, exact_lists)
             for sample in args.samples for method in ("bm25", "profile") for k in args.ks]
     return {"n_audios": m_exact["n_audios"], "n_captions": m_exact["n_captions"], "exact": {
-        "pairs": m_exact["n_pairs"], "wall_s": round(wall_exact, 1), "score_s": m_exact["score_seconds"],
+        "pairs": m_exact["n_pairs"], "wall_s": round(t_exact["wall_s"], 1), "load": t_exact.get("load"),
+        "score_s": m_exact["score_seconds"],
         **{kind: {x: m_exact[kind][x] for x in ("R@1", "R@5", "R@10", "mAP@10")} for kind in KINDS}},
         "runs": runs, "offline": rows}
 
@@ -162,12 +165,21 @@ def _lists(out: str, table: str, kind: str) -> dict[str, list[str]]:
     return {key: g.sort_values("rank")[c].tolist() for key, g in t.groupby(q)}
 
 
+def _rate(run: dict) -> str:
+    return f"{run['pairs'] / run['score_s']:.0f} pairs/s"
+
+
+def _load(run: dict) -> str:
+    """The load averages at the end of a run (the machine's other work slows it)."""
+    return "/".join(f"{x:.1f}" for x in run["load"]) if run.get("load") else "not recorded"
+
+
 def markdown(res: dict) -> str:
     out = [f"Machine: {res['machine']}; precision {res['precision']}; minmax_sample {res['minmax_sample']}.", ""]
     for name, s in res["settings"].items():
         e = s["exact"]
         out += [f"### {name}: {s['n_audios']} audios x {s['n_captions']} captions", "",
-                f"exact: {e['pairs']} pairs, wall {e['wall_s']} s (scoring {e['score_s']} s); T2A R@1/5/10/mAP@10 "
+                f"exact: {e['pairs']} pairs, wall {e['wall_s']} s (scoring {e['score_s']} s, {_rate(e)}; load {_load(e)}); T2A R@1/5/10/mAP@10 "
                 + "/".join(f"{e['t2a'][x]:.3f}" for x in ("R@1", "R@5", "R@10", "mAP@10"))
                 + "; A2T min-max " + "/".join(f"{e['a2t_minmax'][x]:.3f}" for x in ("R@1", "R@5", "R@10", "mAP@10")), "",
                 "| method | K | sample | pairs (share) | GT in list T2A / A2T | top-10 overlap T2A / A2T mm | T2A R@1 / R@5 / R@10 / mAP@10 | A2T mm R@1 / R@5 / R@10 / mAP@10 |",
@@ -178,11 +190,12 @@ def markdown(res: dict) -> str:
                 f"| {r['overlap_top10']['t2a']:.3f} / {r['overlap_top10']['a2t_minmax']:.3f} | "
                 + " / ".join(f"{r['t2a'][x]:.3f}" for x in ("R@1", "R@5", "R@10", "mAP@10")) + " | "
                 + " / ".join(f"{r['a2t_minmax'][x]:.3f}" for x in ("R@1", "R@5", "R@10", "mAP@10")) + " |")
-        out += ["", "| job run | K | pairs | wall s (x exact) | describe s | scoring s | T2A R@1 / mAP@10 | A2T mm R@1 / mAP@10 |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        out += ["", "| job run | K | pairs | wall s (x exact) | describe s | scoring s | scoring | load 1/5/15 min | T2A R@1 / mAP@10 | A2T mm R@1 / mAP@10 |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in s["runs"]:
             out.append(f"| {res['method']} | {r['k']} | {r['pairs']} | {r['wall_s']} ({r['wall_s'] / e['wall_s']:.2f}) | "
-                       f"{r['describe_s'] if r['described'] else 0} | {r['score_s']} | {r['t2a']['R@1']:.3f} / {r['t2a']['mAP@10']:.3f} | "
+                       f"{r['describe_s'] if r['described'] else 0} | {r['score_s']} | {_rate(r)} | {_load(r)} | "
+                       f"{r['t2a']['R@1']:.3f} / {r['t2a']['mAP@10']:.3f} | "
                        f"{r['a2t_minmax']['R@1']:.3f} / {r['a2t_minmax']['mAP@10']:.3f} |")
         out.append("")
     return "\n".join(out)
