@@ -90,6 +90,11 @@ def job(base: dict, out: str, **kw) -> tuple[dict, dict]:
     return storage.read_json(storage.join(out, "metrics.json")), timing
 
 
+def _figures(m: dict) -> dict:
+    """A job's (or an offline ranking's) metrics: R@1/5/10 and mAP@10 for each ranking."""
+    return {kind: {x: m[kind][x] for x in ("R@1", "R@5", "R@10", "mAP@10")} for kind in KINDS}
+
+
 def exact_losses(out: str, plan) -> np.ndarray:
     """The exact run's scores table -> (N, M) in the plan's order."""
     t = storage.read_table(out, "scores")
@@ -126,7 +131,7 @@ def offline(base: dict, described: str, method: str, k: int, sample: int, L: np.
     info = plan.cand_info
     return {"method": method, "k": k, "sample": sample, "pairs": c.n_pairs, "share": info["share_of_all_pairs"],
             "t2a_gt_in_list": info.get("t2a_gt_in_list"), "a2t_gt_in_list": info.get("a2t_gt_in_list"),
-            "overlap_top10": ov, **{kind: {x: m[kind][x] for x in ("R@1", "R@5", "R@10", "mAP@10")} for kind in KINDS}}
+            "overlap_top10": ov, **_figures(m)}
 
 
 def run_setting(name: str, args, base: dict) -> dict:
@@ -148,14 +153,14 @@ def run_setting(name: str, args, base: dict) -> dict:
         wall = t["wall_s"]
         runs.append({"k": k, "pairs": m["n_pairs"], "wall_s": round(wall, 1), "load": t.get("load"), "score_s": m["score_seconds"],
                      "describe_s": m["candidates"]["describe_seconds"], "described": m["candidates"]["described"],
-                     **{kind: {x: m[kind][x] for x in ("R@1", "R@5", "R@10", "mAP@10")} for kind in KINDS}})
+                     **_figures(m)})
         print(f"[{name}] ran {args.method} K={k}: {m['n_pairs']} pairs, {wall:.0f} s", flush=True)
     rows = [offline(base, described or args.descriptions, method, k, sample, L, exact_lists)
             for sample in args.samples for method in ("bm25", "profile") for k in args.ks]
     return {"n_audios": m_exact["n_audios"], "n_captions": m_exact["n_captions"], "exact": {
         "pairs": m_exact["n_pairs"], "wall_s": round(t_exact["wall_s"], 1), "load": t_exact.get("load"),
         "score_s": m_exact["score_seconds"],
-        **{kind: {x: m_exact[kind][x] for x in ("R@1", "R@5", "R@10", "mAP@10")} for kind in KINDS}},
+        **_figures(m_exact)},
         "runs": runs, "offline": rows}
 
 
