@@ -41,6 +41,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from aacray import machine
 from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss, pair_loss_memory
 from aacray.scorer import PairScorer, pair_flops
 
@@ -120,16 +121,15 @@ def run_rows(args, device) -> None:
     n_naive = min(args.naive_pairs, N * M) if args.naive_pairs > 0 else 0
     naive_pairs = all_pairs[rng.permutation(N * M)[:n_naive]]
 
-    # bf16's rate only when a row runs in bf16: a CPU without bf16 support (no avx512_bf16 or
-    # AMX) takes minutes a 2048^3 bf16 matmul
-    use_bf16 = args.precision == "bf16" or args.ablations
+    # bf16's rate and rows (ablations included) only with --precision bf16: a CPU without bf16
+    # matrix units (no avx512_bf16 or AMX) emulates bf16 matmul at ~1% of fp32's rate
+    use_bf16 = args.precision == "bf16"
     dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if use_bf16 else {})}
     rates = {k: matmul_rate(device, dt) for k, dt in dtypes.items()}
     rates.setdefault("bf16", float("nan"))
     words = np.array([len(t) - 2 for t in tokens])
     print(
-        f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, load avg "
-        f"{os.getloadavg()[0]:.1f}\nmodel: paper size, V={args.vocab}, {cfg.n_layers} layers D={cfg.d_model} "
+        f"{machine.describe(device)}; load avg {os.getloadavg()[0]:.1f}\nmodel: paper size, V={args.vocab}, {cfg.n_layers} layers D={cfg.d_model} "
         f"H={cfg.n_heads} F={cfg.d_ff}; {N} audios x {args.frames} frames, {M} captions of "
         f"{words.min()}-{words.max()} words (mean {words.mean():.2f}); naive on {n_naive} pairs\n"
         f"matmul 2048^3: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s",
@@ -238,6 +238,25 @@ def module_losses(model, frames, tokens, batch: int, device, bf16: bool = False)
     return out
 
 
+def compiled_scorer(model, frames, tokens, precision: str, args, device, mode: str | None = None):
+    """The ablation row `torch.compile`: `FastDecoder.losses` (the per-pair forward, where
+    the layer norms, residual adds, softmaxes and GELU are separate passes) compiled by
+    inductor with dynamic shapes (one graph for every caption length and chunk size), on
+    `F.linear` weights (inductor packs them for oneDNN itself on CPU: freezing). Compiled and
+    warmed once here, outside the timed rounds; the compile time is printed. The timed call
+    is `loss_matrix` on that scorer (its construction, ~1/M of the work, not repeated).
+    mode "reduce-overhead" (CUDA): inductor replays CUDA graphs, one per shape."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = device.type == "cpu"
+    sc = PairScorer(model, PAD, frames, device, precision, args.pairs_per_batch, pack_weights=False)
+    sc.fast.losses = torch.compile(sc.fast.losses, dynamic=True, mode=mode)
+    t = time.perf_counter()
+    sc.loss_matrix(tokens)
+    print(f"torch.compile {precision} (mode {mode}): compiled and warmed in {time.perf_counter() - t:.0f} s", flush=True)
+    return lambda: sc.loss_matrix(tokens)
+
+
 def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, useful_all, executed_all, device):
     """Variants of the scorer, for the kept/discarded table of docs/benchmarks.md; each is
     PairScorer with public arguments. The bf16-classifier row of earlier runs is gone (it
@@ -253,16 +272,25 @@ def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, 
 
     fp32 = dict(pairs=N * M, useful=useful_all, executed=executed_all, rate="fp32")
     bf16 = dict(fp32, rate="bf16")
+    precisions = {"fp32": fp32, **({"bf16": bf16} if args.precision == "bf16" else {})}
+    for prec, kind in precisions.items():
+        rows[f"fast {prec}, torch.compile (warm)"] = dict(fn=compiled_scorer(model, frames, tokens, prec, args, device), **kind)
+        if device.type == "cuda":
+            rows[f"fast {prec}, torch.compile + CUDA graphs (warm)"] = dict(
+                fn=compiled_scorer(model, frames, tokens, prec, args, device, "reduce-overhead"), **kind
+            )
     rows["previous PairScorer fp32 (module, per caption)"] = dict(fn=module(False), **fp32)
-    rows["previous PairScorer bf16 autocast"] = dict(fn=module(True), **bf16)
-    if len(naive_pairs):
+    if "bf16" in precisions:
+        rows["previous PairScorer bf16 autocast"] = dict(fn=module(True), **bf16)
+    if len(naive_pairs) and "bf16" in precisions:
         def naive_bf16():
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return naive_losses(model, frames, tokens, naive_pairs, args.naive_batch, device)
         rows["naive bf16 autocast"] = dict(fn=naive_bf16, pairs=len(naive_pairs), useful=useful_naive, executed=None, rate="bf16")
     if device.type == "cpu":
         rows["fast fp32, F.linear (no oneDNN packing)"] = dict(fn=scorer("fp32", pack_weights=False), **fp32)
-        rows["fast bf16, F.linear (no oneDNN packing)"] = dict(fn=scorer("bf16", pack_weights=False), **bf16)
+        if "bf16" in precisions:
+            rows["fast bf16, F.linear (no oneDNN packing)"] = dict(fn=scorer("bf16", pack_weights=False), **bf16)
         rows["fast fp32, SDPA attention"] = dict(fn=scorer("fp32", fused_attention=True), **fp32)
         for n in (256, 3072):
             rows[f"fast fp32, {n} rows per forward"] = dict(fn=scorer("fp32", cpu_rows=n), **fp32)
@@ -395,6 +423,82 @@ def ray_vs_inprocess(args) -> None:
           + (f"; Ray / ({cpus} x in-process 1 thread): {m['pairs_per_s'] / (cpus * inproc[1]):.0%}" if 1 in inproc else ""))
 
 
+# --- score_matrix at scale on a synthetic index ----------------------------------------------
+def pseudo_words(n: int) -> list[str]:
+    """n distinct letter-only words ("qaaa", "qaab", ...): each its own vocabulary entry."""
+    abc = "abcdefghijklmnopqrstuvwxyz"
+    return ["q" + "".join(abc[(i // 26**p) % 26] for p in (2, 1, 0)) for i in range(n)]
+
+
+def synthetic_job_inputs(root: str, args) -> tuple[str, str, list[list[int]], int]:
+    """An extract output under root (--audios clips of --frames frames, 5 captions a clip as
+    in Clotho, caption i describing clip i // 5, Clotho-like lengths over --vocab words) and a
+    random paper-size checkpoint whose tokenizer holds those words: (extract, checkpoint,
+    the captions' token lists in caption order, the vocabulary size)."""
+    from aacray.synthetic import write_extract_output, write_random_checkpoint
+
+    rng = np.random.default_rng(args.seed)
+    n, m = args.audios, args.captions
+    ids = [f"syn_{i:06d}.wav" for i in range(n)]
+    frames = [rng.standard_normal((args.frames, 768), dtype=np.float32) for _ in range(n)]
+    vocab = pseudo_words(args.vocab - 4)  # + pad, bos, eos, unk
+    texts = [" ".join(rng.choice(vocab, k)) for k in clotho_like_lengths(rng, m)]
+    caps = [(f"{ids[j * n // m]}#{j}", "evaluation", texts[j], ids[j * n // m]) for j in range(m)]
+    ext, ckpt = os.path.join(root, "extract"), os.path.join(root, "checkpoint")
+    write_extract_output(ext, ids, ["evaluation"] * n, frames, caps)
+    tok = write_random_checkpoint(ckpt, texts, args.seed)
+    return ext, ckpt, [tok.encode(t) for t in texts], tok.vocab_size
+
+
+def job_config(root: str, ext: str, ckpt: str, precision: str, args, device: torch.device) -> dict:
+    """score_matrix's config for the synthetic index: one actor a GPU on CUDA, --job-actors
+    on CPU sharing the CPUs."""
+    on_gpu = device.type == "cuda"
+    cpus = 1 if on_gpu else max(1, (os.cpu_count() or 1) // args.job_actors)
+    return {
+        "checkpoint": ckpt, "audio": ext, "captions": ext, "output": os.path.join(root, f"score_{precision}"),
+        "k": 10, "caption_block_size": args.job_block, "write_scores": args.job_write_scores, "plots": False,
+        "dcase_export": False, "scorer": {"precision": precision, "pairs_per_batch": args.pairs_per_batch},
+        "actors": {"num_actors": 1 if on_gpu else args.job_actors, "num_gpus": 1 if on_gpu else 0, "num_cpus": cpus},
+        "ray": {"num_cpus": os.cpu_count()},
+    }
+
+
+def job_at_scale(args, device: torch.device, root: str) -> dict[str, dict]:
+    """jobs/score_matrix.py, as a user runs it (its own process, an embedded Ray), on the
+    synthetic index, at each of --job-precisions: pairs/s over the job's score_seconds and
+    that work's share of this device's matmul rate (useful and executed FLOPs, as the rows).
+    Returns {precision: the job's metrics.json}."""
+    import yaml
+
+    ext, ckpt, tokens, vocab = synthetic_job_inputs(root, args)
+    cfg = DecoderConfig()
+    useful, executed = flops_of(cfg, vocab, tokens, args.audios, args.frames)
+    rates = {p: matmul_rate(device, torch.float32 if p == "fp32" else torch.bfloat16) for p in set(args.job_precisions)}
+    print(f"\nscore_matrix on a synthetic index: {machine.describe(device)}\n{args.audios} audios x {args.captions} "
+          f"captions = {args.audios * args.captions} pairs, random paper-size decoder, V = {vocab}, blocks of "
+          f"{args.job_block} captions", flush=True)
+    out = {}
+    for precision in args.job_precisions:
+        conf = job_config(root, ext, ckpt, precision, args, device)
+        path = os.path.join(root, f"score_{precision}.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(conf, f)
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "jobs/score_matrix.py", path], check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t
+        with open(os.path.join(conf["output"], "metrics.json")) as f:
+            m = json.load(f)
+        sec, rate = m["score_seconds"], rates[precision]
+        refine = m["scorer"].get("refine", {})
+        print(f"{precision:>13}: {m['pairs_per_s']:.0f} pairs/s over {sec:.1f} s of score_seconds (whole job {wall:.1f} s); "
+              f"{useful / sec / rate:.0%} of the {'fp32' if precision == 'fp32' else 'bf16'} matmul rate "
+              f"({rate / 1e12:.1f} TFLOP/s), executed {executed / sec / rate:.0%}"
+              + (f"; {refine['rescored_share']:.1%} re-scored in fp32" if refine else ""), flush=True)
+        out[precision] = m
+    return out
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -428,7 +532,13 @@ def main(argv: list[str]) -> None:
         help="config overrides for --ray, e.g. 'audio_subsets=[development,validation,evaluation]' (a larger matrix)",
     )
     p.add_argument("--ray-no-one-thread", action="store_true", help="--ray: skip the 1-thread in-process run")
-    p.add_argument("--only", choices=["rows", "demo", "ray"], help="run only this part")
+    p.add_argument("--job", action="store_true", help="score_matrix end to end on a synthetic --audios x --captions index")
+    p.add_argument("--job-precisions", nargs="+", default=["bf16", "bf16-refined"], choices=["fp32", "bf16", "bf16-refined"])
+    p.add_argument("--job-block", type=int, default=256, help="--job: caption_block_size (ScoreConfig default)")
+    p.add_argument("--job-actors", type=int, default=2, help="--job on CPU: actors sharing the CPUs (CUDA: one)")
+    p.add_argument("--job-dir", help="--job: keep its inputs and outputs here (default: a temporary folder)")
+    p.add_argument("--job-write-scores", action="store_true", help="--job: write every pair's loss (write_scores)")
+    p.add_argument("--only", choices=["rows", "demo", "ray", "job"], help="run only this part")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -439,6 +549,9 @@ def main(argv: list[str]) -> None:
         demo_ranks(args, device)
     if args.ray or args.only == "ray":
         ray_vs_inprocess(args)
+    if args.job or args.only == "job":
+        with tempfile.TemporaryDirectory() if args.job_dir is None else nullcontext(args.job_dir) as root:
+            job_at_scale(args, device, root)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import numpy as np
 
-from aacray import storage
+from aacray import machine, storage
 from aacray.config import ScoreConfig, from_dict
 from aacray.retrieval import retrieval_metrics, score_pairs_block
 from aacray.scoring import attach_candidates, plan_score_matrix, run_score_matrix
@@ -44,16 +43,6 @@ SETTINGS = {
     "t2a_heavy": {"audio_subsets": ["development", "validation", "evaluation"], "caption_subsets": ["evaluation"]},
 }
 KINDS = {"t2a": "topk_t2a", "a2t_raw": "topk_a2t_raw", "a2t_minmax": "topk_a2t"}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        return f"{name}, {os.cpu_count()} CPUs, AMX {'yes' if 'amx_bf16' in info else 'no'}"
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def distractor_db(embeddings: str, path: str) -> str:
@@ -277,7 +266,7 @@ def main() -> None:
             "caption_block_size": 50, "scorer": {"precision": args.precision, "pairs_per_batch": 2048},
             "shortlist": {"minmax_sample": args.minmax_sample}, "dcase_export": False,
             "actors": {"num_actors": args.num_actors, "num_cpus": 1}, "ray": {"num_cpus": os.cpu_count()}}
-    res = {"machine": cpu_name(), "precision": args.precision, "minmax_sample": args.minmax_sample, "method": args.method,
+    res = {"machine": machine.describe("cpu"), "precision": args.precision, "minmax_sample": args.minmax_sample, "method": args.method,
            "settings": {name: run_setting(name, args, base) for name in args.settings.split(",")}}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "shortlist.json"), "w") as f:

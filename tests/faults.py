@@ -18,9 +18,8 @@ import tempfile
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from aacray import storage
+from aacray import storage, synthetic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -86,18 +85,8 @@ def run_script(script: str, cmd: str, work: str, timeout: float) -> tuple[dict, 
 
 def write_extract_output(uri: str, ids, subsets, frames, caps, width: int = 768) -> str:
     """A committed extract_embeddings-like output: embeddings (frames x `width`) + captions."""
-    from aacray.embeddings import CAPTION_SCHEMA, embedding_table
-
-    storage.begin_output(uri, ["embeddings", "captions"])
-    if width == 768:
-        emb = embedding_table(
-            list(ids),
-            list(subsets),
-            list(frames),
-            [f"synthetic://{a}" for a in ids],
-            [32000] * len(ids),
-        )
-    else:  # another encoder's width: build the column by hand (embedding_table asserts 768)
+    emb = None
+    if width != 768:  # another encoder's width: build the column by hand (embedding_table asserts 768)
         flat = np.concatenate([f.reshape(-1) for f in frames]).astype(np.float32)
         offsets = np.concatenate([[0], np.cumsum([f.shape[0] for f in frames])]).astype(np.int32)
         col = pa.ListArray.from_arrays(
@@ -111,26 +100,15 @@ def write_extract_output(uri: str, ids, subsets, frames, caps, width: int = 768)
                 "embedding": col,
             }
         )
-    storage.write_table(uri, "embeddings", emb)
-    cap = pa.table(
-        [pa.array([r[k] for r in caps], pa.string()) for k in range(4)], schema=CAPTION_SCHEMA
-    )
-    storage.write_table(uri, "captions", cap)
-    storage.commit_output(uri, "extract_embeddings", {}, ["embeddings", "captions"])
-    return uri
+    return synthetic.write_extract_output(uri, ids, subsets, frames, caps, emb)
 
 
 def write_random_checkpoint(
     folder: str, texts: list[str], seed: int = 0, model: dict | None = None
 ) -> None:
-    from aacray import checkpoint as ckpt_lib
-    from aacray.decoder import CaptionDecoder, DecoderConfig
-    from aacray.text import WordTokenizer
+    from aacray.decoder import DecoderConfig
 
-    tok = WordTokenizer.build(texts)
-    torch.manual_seed(seed)
-    decoder = CaptionDecoder(DecoderConfig(**(model or TINY)), tok.vocab_size, tok.pad_id)
-    ckpt_lib.save(folder, decoder, tok, "synthetic: true\n", epoch=1)
+    synthetic.write_random_checkpoint(folder, texts, seed, DecoderConfig(**(model or TINY)))
 
 
 CAPTIONS = [
