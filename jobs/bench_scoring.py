@@ -6,9 +6,15 @@ CPU (paper-size model, random weights):   python jobs/bench_scoring.py
       --ray-set 'audio_subsets=[development,validation,evaluation]'   (420 x 400 demo pairs)
 + kept/discarded variants of the scorer:  python jobs/bench_scoring.py --ablations
   (built from public arguments only: PairScorer's cpu_rows, pack_weights, fused_attention,
-  and `pair_loss_memory` for the module-per-caption path the scorer replaced)
-GPU, Clotho evaluation size (target: 5.5M pairs in <= 10 s on an H200):
-  python jobs/bench_scoring.py --device cuda --precision bf16 --audios 1045 --captions 5225 --rounds 1
+  `torch.compile` of its per-pair forward, and `pair_loss_memory` for the module-per-caption
+  path the scorer replaced; bf16 variants only with --precision bf16, the default)
++ score_matrix end to end on a synthetic index of --audios x --captions:  --only job
+  (random paper-size checkpoint; on CUDA one actor on one GPU)
+A CPU without bf16 matrix units (no AMX, no avx512_bf16: the machine line says) emulates bf16
+at ~1% of fp32's rate: use --precision fp32 there.
+GPU, Clotho evaluation size (target: 5.5M pairs in <= 10 s on an H200), every check in one
+command:  bash jobs/gpu_check.sh   (its rows step alone:
+  python jobs/bench_scoring.py --device cuda --precision bf16 --audios 1045 --captions 5225 --rounds 1)
 
 Rows, all on the same synthetic audio x caption matrix, measured in one process and
 interleaved round by round (the machine may be shared: medians over rounds, and ratios
