@@ -28,7 +28,8 @@ def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
             text = f.read()
     except OSError:
         return platform.processor() or "unknown CPU", set()
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    first = text.split("\n\n", 1)[0]  # one block per logical CPU; the first one's
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     return fields.get("model name", platform.processor() or "unknown CPU"), set(fields.get("flags", "").split())
 

@@ -449,7 +449,8 @@ def synthetic_job_inputs(root: str, args) -> tuple[str, str, list[list[int]], in
     frames = [rng.standard_normal((args.frames, 768), dtype=np.float32) for _ in range(n)]
     vocab = pseudo_words(args.vocab - 4)  # + pad, bos, eos, unk
     texts = [" ".join(rng.choice(vocab, k)) for k in clotho_like_lengths(rng, m)]
-    caps = [(f"{ids[j * n // m]}#{j}", "evaluation", texts[j], ids[j * n // m]) for j in range(m)]
+    owner = [ids[j * n // m] for j in range(m)]  # caption j describes clip j * n // m
+    caps = [(f"{owner[j]}#{j}", "evaluation", texts[j], owner[j]) for j in range(m)]
     ext, ckpt = os.path.join(root, "extract"), os.path.join(root, "checkpoint")
     write_extract_output(ext, ids, ["evaluation"] * n, frames, caps)
     tok = write_random_checkpoint(ckpt, texts, args.seed)
@@ -470,21 +471,20 @@ def job_config(root: str, ext: str, ckpt: str, precision: str, args, device: tor
     }
 
 
-def job_at_scale(args, device: torch.device, root: str) -> dict[str, dict]:
+def job_at_scale(args, device: torch.device, root: str) -> None:
     """jobs/score_matrix.py, as a user runs it (its own process, an embedded Ray), on the
     synthetic index, at each of --job-precisions: pairs/s over the job's score_seconds and
-    that work's share of this device's matmul rate (useful and executed FLOPs, as the rows).
-    Returns {precision: the job's metrics.json}."""
+    that work's share of this device's matmul rate (useful and executed FLOPs, as the rows)."""
     import yaml
 
     ext, ckpt, tokens, vocab = synthetic_job_inputs(root, args)
     cfg = DecoderConfig()
     useful, executed = flops_of(cfg, vocab, tokens, args.audios, args.frames)
-    rates = {p: matmul_rate(device, torch.float32 if p == "fp32" else torch.bfloat16) for p in set(args.job_precisions)}
+    kind = {p: "fp32" if p == "fp32" else "bf16" for p in args.job_precisions}  # the matmul rate a precision runs at
+    rates = {k: matmul_rate(device, torch.float32 if k == "fp32" else torch.bfloat16) for k in set(kind.values())}
     print(f"\nscore_matrix on a synthetic index: {machine.describe(device)}\n{args.audios} audios x {args.captions} "
           f"captions = {args.audios * args.captions} pairs, random paper-size decoder, V = {vocab}, blocks of "
           f"{args.job_block} captions", flush=True)
-    out = {}
     for precision in args.job_precisions:
         conf = job_config(root, ext, ckpt, precision, args, device)
         path = os.path.join(root, f"score_{precision}.yaml")
@@ -495,14 +495,12 @@ def job_at_scale(args, device: torch.device, root: str) -> dict[str, dict]:
         wall = time.perf_counter() - t
         with open(os.path.join(conf["output"], "metrics.json")) as f:
             m = json.load(f)
-        sec, rate = m["score_seconds"], rates[precision]
+        sec, rate = m["score_seconds"], rates[kind[precision]]
         refine = m["scorer"].get("refine", {})
         print(f"{precision:>13}: {m['pairs_per_s']:.0f} pairs/s over {sec:.1f} s of score_seconds (whole job {wall:.1f} s); "
-              f"{useful / sec / rate:.0%} of the {'fp32' if precision == 'fp32' else 'bf16'} matmul rate "
+              f"{useful / sec / rate:.0%} of the {kind[precision]} matmul rate "
               f"({rate / 1e12:.1f} TFLOP/s), executed {executed / sec / rate:.0%}"
               + (f"; {refine['rescored_share']:.1%} re-scored in fp32" if refine else ""), flush=True)
-        out[precision] = m
-    return out
 
 
 def main(argv: list[str]) -> None:

@@ -42,8 +42,7 @@ def test_matrix_units_and_cpu_info(tmp_path):
 def test_job_part_scores_the_index_it_wrote(tmp_path):
     """The job's every loss (write_scores) equals the in-process scorer's on the extract and
     checkpoint the bench wrote, bit for bit (same pairs_per_batch and fixed chunks, one thread
-    as in each 1-CPU actor), and its
-    printed line reports the whole matrix."""
+    as in each 1-CPU actor), and its printed line reports the whole matrix."""
     n, m, ppb = 12, 30, 2048
     cmd = [sys.executable, "jobs/bench_scoring.py", "--only", "job", "--audios", str(n), "--captions", str(m),
            "--frames", "7", "--vocab", "40", "--pairs-per-batch", str(ppb), "--job-precisions", "fp32",
