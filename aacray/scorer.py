@@ -29,9 +29,9 @@ nothing before a layer's cross-attention sees the audio):
 
 The maths is `nn.TransformerDecoderLayer`'s (post-norm, GELU, eval: no dropout) on the
 module's own weights, checked against the module in tests/test_fastscore.py. On CPU the
-attention is written out (matmul, additive -inf mask, softmax): with ~12 queries and ~31
-keys per head it runs within this machine's noise of `F.scaled_dot_product_attention`
-(docs/benchmarks.md); on CUDA the fused kernel is used.
+attention is written out (matmul, additive -inf mask, softmax in fp32): with ~12 queries
+and ~31 keys per head it runs within noise of `F.scaled_dot_product_attention` in fp32 and
+faster in bf16 (docs/benchmarks.md); on CUDA the fused kernel is used.
 
 Precision (`compute_dtype`); no path uses autocast:
 - float32: fp32 throughout.
@@ -40,7 +40,10 @@ Precision (`compute_dtype`); no path uses autocast:
   classifier, the log-softmax and the loss stay fp32. The classifier stays fp32 because a
   trained model's logits are large: rounded to bf16's 8-bit mantissa they made most of
   the error (demo checkpoint: max |loss error| 1.0e-2 with a bf16 classifier, 2.6e-3
-  without), for 7-12% of the time at V = 5000 (docs/benchmarks.md).
+  without), for 7-12% of the time at V = 5000 (docs/benchmarks.md). The attention's
+  softmax runs in fp32 (faster than a bf16 softmax on CPU).
+- bf16-refined's screening pass (`SCREENING`): bf16 as above, with the residual stream and
+  the layer norms in bf16 too, where the refinement margin covers the error.
 
 Linear layers on CPU use oneDNN with weights pre-packed for the scorer's row count
 (`torch.ops.mkldnn`, what `torch.compile` uses for CPU linears) when that op exists, and
@@ -95,16 +98,22 @@ class _Linear:
             except RuntimeError:
                 self.packed = None
 
-    def __call__(self, x: Tensor, gelu: bool = False) -> Tensor:
+    def __call__(self, x: Tensor, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
+        """x W^T + b (GELU'd when asked), plus residual when given: fused into the oneDNN
+        call when it has the output's dtype and shape (the same fp32 roundings as a
+        separate add), a separate add otherwise."""
         x = x.to(self.dtype)
-        if self.packed is not None:
-            shape = x.shape
-            y = self.op(
-                x.reshape(-1, shape[-1]), self.packed, self.b, "gelu" if gelu else "none", [None], "none" if gelu else ""
-            )
-            return y.view(*shape[:-1], y.shape[-1])
-        y = F.linear(x, self.w, self.b)
-        return F.gelu(y) if gelu else y
+        if self.packed is None:
+            y = F.linear(x, self.w, self.b)
+            y = F.gelu(y) if gelu else y
+            return y if residual is None else residual + y
+        shape = x.shape
+        out_shape = (*shape[:-1], self.w.shape[0])
+        x2 = x.reshape(-1, shape[-1])
+        if residual is not None and not gelu and residual.dtype == self.dtype and residual.shape == out_shape:
+            return self.op.binary(x2, residual.reshape(x2.shape[0], -1), self.packed, self.b, "add").view(out_shape)
+        y = self.op(x2, self.packed, self.b, "gelu" if gelu else "none", [None], "none" if gelu else "").view(out_shape)
+        return y if residual is None else residual + y
 
 
 @dataclass
@@ -123,7 +132,7 @@ class _Layer:
 class Prefix:
     """The caption-only part of a forward: the first layer up to its cross-attention."""
 
-    x: Tensor  # (Bc, T, D) fp32, after the first layer's self-attention and norm1
+    x: Tensor  # (Bc, T, D) in the stream dtype, after the first layer's self-attention and norm1
     q: Tensor  # (Bc, H, T, d) that layer's cross-attention queries, scaled by 1/sqrt(d)
     # Bc: 1 (one caption shared by the forward's B audios) or B (one caption per pair)
 
@@ -133,24 +142,30 @@ class FastDecoder:
 
     pack_rows: the row count oneDNN pre-packs the CPU linears' weights for (None: plain
     `F.linear`); fused_attention: `F.scaled_dot_product_attention` (True) or the written-out
-    attention (False), None for fused on CUDA only.
+    attention (False), None for fused on CUDA only. stream_dtype: the residual stream's and
+    the layer norms' dtype; classifier_dtype: the classifier's (its output is widened to fp32
+    for the log-softmax either way). Both fp32 except in bf16-refined's screening pass.
     """
 
     def __init__(
         self,
         model: CaptionDecoder,
         compute_dtype: torch.dtype = torch.float32,
-        pack_rows: int | None = 768,
+        pack_rows: int | None = 3072,
         fused_attention: bool | None = None,
+        stream_dtype: torch.dtype = torch.float32,
+        classifier_dtype: torch.dtype = torch.float32,
     ):
         assert not model.training, "FastDecoder needs model.eval() (dropout would randomise the score)"
-        assert compute_dtype in (torch.float32, torch.bfloat16), f"{compute_dtype=}"
+        for dt in (compute_dtype, stream_dtype, classifier_dtype):
+            assert dt in (torch.float32, torch.bfloat16), f"{dt=}"
         cfg = model.cfg
         self.model = model
         self.D, self.H = cfg.d_model, cfg.n_heads
         self.d = self.D // self.H
         self.scale = 1.0 / math.sqrt(self.d)
         self.dtype = compute_dtype
+        self.stream_dtype = stream_dtype
         self.device = model.classifier.weight.device
         self.fused_attention = self.device.type == "cuda" if fused_attention is None else fused_attention
         D, dt = self.D, compute_dtype
@@ -158,6 +173,8 @@ class FastDecoder:
         def lin(w: Tensor, b: Tensor) -> _Linear:
             return _Linear(w, b, dt, pack_rows)
 
+        # the queries' 1/sqrt(d) folded into their weights (exact when d is a power of 4)
+        q_scale = torch.cat([torch.full((D,), self.scale), torch.ones(2 * D)]).to(self.device)
         self.layers: list[_Layer] = []
         for layer in model.transformer.layers:
             sa, ca = layer.self_attn, layer.multihead_attn
@@ -166,20 +183,20 @@ class FastDecoder:
             assert layer.activation is F.gelu, "GELU layers expected"
             self.layers.append(
                 _Layer(
-                    sa_in=lin(sa.in_proj_weight, sa.in_proj_bias),
+                    sa_in=lin(sa.in_proj_weight * q_scale[:, None], sa.in_proj_bias * q_scale),
                     sa_out=lin(sa.out_proj.weight, sa.out_proj.bias),
-                    ca_q=lin(ca.in_proj_weight[:D], ca.in_proj_bias[:D]),
+                    ca_q=lin(ca.in_proj_weight[:D] * self.scale, ca.in_proj_bias[:D] * self.scale),
                     ca_kv=(ca.in_proj_weight[D:].detach().to(dt), ca.in_proj_bias[D:].detach().to(dt)),
                     ca_out=lin(ca.out_proj.weight, ca.out_proj.bias),
                     ff1=lin(layer.linear1.weight, layer.linear1.bias),
                     ff2=lin(layer.linear2.weight, layer.linear2.bias),
                     norms=[
-                        (n.weight.detach().float(), n.bias.detach().float(), n.eps)
+                        (n.weight.detach().to(stream_dtype), n.bias.detach().to(stream_dtype), n.eps)
                         for n in (layer.norm1, layer.norm2, layer.norm3)
                     ],
                 )
             )
-        self.classifier = _Linear(model.classifier.weight, model.classifier.bias, torch.float32, pack_rows)
+        self.classifier = _Linear(model.classifier.weight, model.classifier.bias, classifier_dtype, pack_rows)
 
     # --- per audio ---------------------------------------------------------------------
     def audio_kv(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -201,7 +218,7 @@ class FastDecoder:
         padding mask is needed.
         """
         assert tokens_in.ndim == 2, f"{tokens_in.shape=}"
-        x = self.model.embed_tokens(tokens_in).float()
+        x = self.model.embed_tokens(tokens_in).to(self.stream_dtype)
         layer = self.layers[0]
         x = self._self_attn(x, layer)
         return Prefix(x, self._queries(x, layer))
@@ -236,7 +253,7 @@ class FastDecoder:
         for i, layer in enumerate(self.layers[1:], start=1):
             x = self._self_attn(x, layer)
             x = self._cross_and_ff(x, self._queries(x, layer), kv[i], mask, layer)
-        logits = self.classifier(x).float()  # (B, T, V), already fp32: the classifier runs in fp32
+        logits = self.classifier(x).float()  # (B, T, V); the log-softmax and the loss run in fp32
         V = logits.shape[-1]
         tgt = target.expand(B, T).reshape(-1)
         ignore = -100 if pad_id is None else pad_id
@@ -254,24 +271,23 @@ class FastDecoder:
     def _queries(self, x: Tensor, layer: _Layer) -> Tensor:
         """x (Bc, T, D) -> cross-attention queries (Bc, H, T, d), scaled by 1/sqrt(d)."""
         Bc, T, _ = x.shape
-        q = layer.ca_q(x) * self.scale
-        return q.view(Bc, T, self.H, self.d).transpose(1, 2)
+        return layer.ca_q(x).view(Bc, T, self.H, self.d).transpose(1, 2)
 
     def _self_attn(self, x: Tensor, layer: _Layer) -> Tensor:
-        """x (Bc, T, D) fp32 -> norm1(x + causal self-attention(x)) fp32 (Bc: 1 or B)."""
+        """x (Bc, T, D) -> norm1(x + causal self-attention(x)), in the stream dtype (Bc: 1 or B)."""
         Bc, T, D = x.shape
         qkv = layer.sa_in(x).view(Bc, T, 3, self.H, self.d).permute(2, 0, 3, 1, 4)
         if self.fused_attention:
-            ctx = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+            ctx = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True, scale=1.0)
         else:
-            s = torch.matmul(qkv[0] * self.scale, qkv[1].transpose(-1, -2))  # (Bc, H, T, T)
+            s = torch.matmul(qkv[0], qkv[1].transpose(-1, -2))  # (Bc, H, T, T), q scaled already
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-            ctx = torch.matmul(torch.softmax(s.masked_fill_(causal, float("-inf")), dim=-1), qkv[2])
+            ctx = torch.matmul(_softmax(s.masked_fill_(causal, float("-inf"))), qkv[2])
         ctx = ctx.transpose(1, 2).reshape(Bc, T, D)
-        return self._norm(x + layer.sa_out(ctx), layer.norms[0])
+        return self._norm(layer.sa_out(ctx, residual=x), layer.norms[0])
 
     def _cross_and_ff(self, x: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None, layer: _Layer) -> Tensor:
-        """x (Bc, T, D) fp32, q (Bc, H, T, d), kv (B, H, S, d) each -> (B, T, D) fp32:
+        """x (Bc, T, D), q (Bc, H, T, d), kv (B, H, S, d) each -> (B, T, D) in the stream dtype:
         norm3(y + ff(y)) with y = norm2(x + cross-attention(q, kv))."""
         k, v = kv
         B, T = k.shape[0], x.shape[1]
@@ -281,10 +297,17 @@ class FastDecoder:
             s = torch.matmul(q, k.transpose(-1, -2))  # (B, H, T, S)
             if mask is not None:
                 s = s + mask
-            ctx = torch.matmul(torch.softmax(s, dim=-1), v)  # (B, H, T, d)
+            ctx = torch.matmul(_softmax(s), v)  # (B, H, T, d)
         ctx = ctx.transpose(1, 2).reshape(B, T, self.D)
-        y = self._norm(x + layer.ca_out(ctx), layer.norms[1])
-        return self._norm(y + layer.ff2(layer.ff1(y, gelu=True)), layer.norms[2])
+        y = self._norm(layer.ca_out(ctx, residual=x), layer.norms[1])
+        return self._norm(layer.ff2(layer.ff1(y, gelu=True), residual=y), layer.norms[2])
+
+
+def _softmax(s: Tensor) -> Tensor:
+    """Softmax over the last dim, computed in fp32 and returned in s's dtype: on CPU a bf16
+    softmax is about twice as slow as converting, fp32 softmax and converting back
+    (docs/benchmarks.md); for fp32 scores it is exactly `torch.softmax`."""
+    return torch.softmax(s.float(), dim=-1).to(s.dtype)
 
 
 def pair_flops(cfg: DecoderConfig, vocab_size: int, n_tokens: float, n_frames: float) -> dict[str, float]:
@@ -349,11 +372,16 @@ class PairScorer:
     on a GPU. Outputs are bit-identical across blocks and actors for a fixed value; another
     value changes the chunks, so the last bits. pack_weights: oneDNN pre-packed CPU linears
     (False: `F.linear`, same maths, ~10% slower). fused_attention: as `FastDecoder`'s.
+    stream_bf16, classifier_bf16 (precision bf16 only): the residual stream and norms, and
+    the classifier, in bf16 too; bf16-refined screens with `SCREENING` (its margin covers
+    the error), plain bf16 keeps both fp32.
     """
 
-    # CPU forwards stop at about this many token rows by default (docs/benchmarks.md: 256
-    # to the whole index are within noise on CPU, 768 kept).
-    CPU_ROWS = 768
+    # CPU forwards stop at about this many token rows by default, one value for every CPU so
+    # that actors on different machines give the same bits (docs/benchmarks.md: on an AMX
+    # Xeon 3072 rows beat 768 by 6% at fp32 and 13% at bf16, the whole index by no more; on
+    # an AVX2-only EPYC 256 to the whole index are within noise).
+    CPU_ROWS = 3072
 
     def __init__(
         self,
@@ -367,9 +395,13 @@ class PairScorer:
         cpu_rows: int | None = CPU_ROWS,
         pack_weights: bool = True,
         fused_attention: bool | None = None,
+        stream_bf16: bool = False,
+        classifier_bf16: bool = False,
     ):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        if (stream_bf16 or classifier_bf16) and precision != "bf16":
+            raise ValueError("stream_bf16 and classifier_bf16 need precision bf16")
         self.model = model.to(device).eval()
         self.pad_id = pad_id
         self.device = torch.device(device)
@@ -379,7 +411,11 @@ class PairScorer:
         on_cpu = self.device.type == "cpu"
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         pack_rows = (cpu_rows or self.CPU_ROWS) if on_cpu and pack_weights else None
-        self.fast = FastDecoder(self.model, dtype, pack_rows=pack_rows, fused_attention=fused_attention)
+        self.fast = FastDecoder(
+            self.model, dtype, pack_rows=pack_rows, fused_attention=fused_attention,
+            stream_dtype=torch.bfloat16 if stream_bf16 else torch.float32,
+            classifier_dtype=torch.bfloat16 if classifier_bf16 else torch.float32,
+        )
         self.cpu_rows = cpu_rows if on_cpu else None
         with torch.inference_mode():
             parts = [
@@ -564,6 +600,11 @@ class PairScorer:
 # --------------------------------------------------------------------------------------
 
 REFINE_MARGIN = 0.01
+# bf16-refined's screening scorer: bf16 beyond plain bf16 where the margin covers the error.
+# docs/benchmarks.md, on the demo model's 882,000 pairs: a bf16 residual stream and norms
+# raise the largest |bf16 - fp32| / fp32 from 2.6e-3 to 4.9e-3 (under half the margin) for
+# ~8% more speed; a bf16 classifier to 9.4e-3 (1.0e-2 with both: at the margin): not used.
+SCREENING = dict(stream_bf16=True)
 """Default bound on bf16's loss error, relative to the loss: measured at most 3.4e-3 (99.99%
 of pairs below 2.4e-3) over 288,000 pairs of the demo checkpoint, so about 3x headroom; a
 margin of 0.005 instead re-scores 8.2% of those pairs rather than 9.0% (docs/benchmarks.md)."""
@@ -659,7 +700,8 @@ class BlockScorer:
     def __init__(self, model, pad_id, frames, device="cpu", precision="fp32", pairs_per_batch=4096, margin=REFINE_MARGIN):
         self.refined = precision == "bf16-refined"
         self.margin = margin
-        self.scorer = PairScorer(model, pad_id, frames, device, "bf16" if self.refined else precision, pairs_per_batch)
+        screen = SCREENING if self.refined else {}
+        self.scorer = PairScorer(model, pad_id, frames, device, "bf16" if self.refined else precision, pairs_per_batch, **screen)
         self.exact = PairScorer(model, pad_id, frames, device, "fp32", pairs_per_batch) if self.refined else None
 
     def losses(self, tokens: list[list[int]], k: int, stat_rows=None) -> tuple[np.ndarray, dict | None]:

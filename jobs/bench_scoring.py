@@ -49,7 +49,7 @@ import torch
 
 from aacray import machine
 from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss, pair_loss_memory
-from aacray.scorer import PairScorer, pair_flops
+from aacray.scorer import SCREENING, PairScorer, pair_flops
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -166,15 +166,21 @@ def run_rows(args, device) -> None:
         re_rows = np.concatenate([rng.choice(N, n_re, replace=False) for _ in range(M)])
         re_cols = np.repeat(np.arange(M), n_re)
 
-        def refined():
-            L = PairScorer(model, PAD, frames, device, "bf16", args.pairs_per_batch).loss_matrix(tokens)
-            exact = PairScorer(model, PAD, frames, device, "fp32", args.pairs_per_batch)
-            L[re_rows, re_cols] = exact.loss_pairs(re_rows, tokens, re_cols)
-            return L
+        def refined(screen):
+            def run():
+                L = PairScorer(model, PAD, frames, device, "bf16", args.pairs_per_batch, **screen).loss_matrix(tokens)
+                exact = PairScorer(model, PAD, frames, device, "fp32", args.pairs_per_batch)
+                L[re_rows, re_cols] = exact.loss_pairs(re_rows, tokens, re_cols)
+                return L
+            return run
 
-        rows[f"(d) bf16-refined, {n_re * M / (N * M):.1%} re-scored"] = dict(
-            fn=refined, pairs=N * M, useful=useful_all, executed=None, rate="bf16"
-        )
+        # its screening pass as BlockScorer builds it (SCREENING: bf16 stream and classifier too)
+        share = f"{n_re * M / (N * M):.1%} re-scored"
+        rows[f"(d) bf16-refined, {share}"] = dict(fn=refined(SCREENING), pairs=N * M, useful=useful_all, executed=None, rate="bf16")
+        if args.ablations:
+            rows[f"(d) bf16-refined, {share}, screening as plain bf16"] = dict(
+                fn=refined({}), pairs=N * M, useful=useful_all, executed=None, rate="bf16"
+            )
     if args.ablations:
         add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, useful_all, executed_all, device)
 
@@ -265,8 +271,7 @@ def compiled_scorer(model, frames, tokens, precision: str, args, device, mode: s
 
 def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, useful_all, executed_all, device):
     """Variants of the scorer, for the kept/discarded table of docs/benchmarks.md; each is
-    PairScorer with public arguments. The bf16-classifier row of earlier runs is gone (it
-    needed the scorer's internals, and the variant was discarded)."""
+    PairScorer with public arguments."""
     N, M = args.audios, args.captions
 
     def scorer(precision, pairs_per_batch=None, **kw):
@@ -298,8 +303,16 @@ def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, 
         if "bf16" in precisions:
             rows["fast bf16, F.linear (no oneDNN packing)"] = dict(fn=scorer("bf16", pack_weights=False), **bf16)
         rows["fast fp32, SDPA attention"] = dict(fn=scorer("fp32", fused_attention=True), **fp32)
-        for n in (256, 3072):
+        for n in (256, 768):
             rows[f"fast fp32, {n} rows per forward"] = dict(fn=scorer("fp32", cpu_rows=n), **fp32)
+        if "bf16" in precisions:
+            rows["fast bf16, SDPA attention"] = dict(fn=scorer("bf16", fused_attention=True), **bf16)
+            for n in (256, 768):
+                rows[f"fast bf16, {n} rows per forward"] = dict(fn=scorer("bf16", cpu_rows=n), **bf16)
+    if "bf16" in precisions:  # the parts of bf16-refined's screening pass (SCREENING), one at a time
+        rows["fast bf16, bf16 classifier"] = dict(fn=scorer("bf16", classifier_bf16=True), **bf16)
+        rows["fast bf16, bf16 residual stream and norms"] = dict(fn=scorer("bf16", stream_bf16=True), **bf16)
+        rows["fast bf16, both (bf16-refined's screening)"] = dict(fn=scorer("bf16", **SCREENING), **bf16)
         # the whole index in one forward per caption
         rows["fast fp32, whole index per forward"] = dict(fn=scorer("fp32", N, cpu_rows=None), **fp32)
 
@@ -358,6 +371,7 @@ def demo_ranks(args, device) -> None:
         res[precision] = merge_blocks(parts, 10)
         secs[precision], L[precision], share[precision] = time.perf_counter() - t, Lp, rescored / n_pairs
     Lf = L["fp32"]
+    error_distribution(model, tok.pad_id, es.frames, tokens, Lf, args, device)
     lo, hi = Lf.min(axis=0), Lf.max(axis=0)
     gaps = {
         "t2a": np.array([_min_gap(Lf[:, j]) for j in range(Lf.shape[1])]),
@@ -392,6 +406,24 @@ def demo_ranks(args, device) -> None:
         q = np.quantile(g[np.isfinite(g)], [0.1, 0.5])
         unit = "min-max units" if k == "a2t_minmax" else "loss"
         print(f"fp32 smallest gap among the 11 best ({unit}), {k}: 10% of lists < {q[0]:.1e}, median {q[1]:.1e}")
+
+
+def error_distribution(model, pad_id, frames, tokens, Lf: np.ndarray, args, device) -> None:
+    """|loss - fp32| / fp32 over every pair, for plain bf16 and with each part bf16-refined's
+    screening pass may add (`SCREENING` says which it does): the distribution `SCREENING`
+    and `REFINE_MARGIN` (the bound refine_block assumes) are set from."""
+    from aacray.scorer import REFINE_MARGIN
+
+    parts = {"bf16": {}, "+ bf16 classifier": dict(classifier_bf16=True), "+ bf16 stream": dict(stream_bf16=True),
+             "+ both": dict(classifier_bf16=True, stream_bf16=True)}
+    print(f"bf16-refined screens with {SCREENING}")
+    for name, screen in parts.items():
+        Lb = PairScorer(model, pad_id, frames, device, "bf16", args.pairs_per_batch, **screen).loss_matrix(tokens)
+        rel = np.abs(Lb - Lf) / np.maximum(np.abs(Lf), 1e-12)
+        q = np.quantile(rel, [0.5, 0.99, 0.999, 0.9999])
+        print(f"{name:>17}: |loss - fp32| / fp32 median {q[0]:.1e}, 99% {q[1]:.1e}, 99.9% {q[2]:.1e}, "
+              f"99.99% {q[3]:.1e}, max {rel.max():.1e} (refine margin {REFINE_MARGIN:.0e}: "
+              f"{(rel > REFINE_MARGIN).sum()} of {rel.size} pairs above)")
 
 
 # --- Ray Data against the in-process scorer ---------------------------------------------------

@@ -2,7 +2,8 @@
 
 - fp32 losses equal the reference loop over `pair_loss` within 1e-5 (tiny and paper-ish
   sizes, padded frames, captions of different lengths, the audio positional encoding);
-- bf16 within a loose tolerance;
+- bf16 within a loose tolerance, and so is each part of bf16-refined's screening pass
+  (bf16 classifier, bf16 residual stream and norms);
 - a caption's losses do not depend, to the bit, on the other captions of the call (the
   property score_matrix's block-size / actor-count invariance rests on);
 - precision "bf16-refined" (`refine_block`, `PairScorer.loss_pairs` by caption index): the top-k lists and
@@ -19,6 +20,7 @@ import torch
 from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss_memory
 from aacray.retrieval import score_block
 from aacray.scorer import (
+    SCREENING,
     BlockScorer,
     FastDecoder,
     PairScorer,
@@ -96,24 +98,32 @@ def test_fast_decoder_equals_module_and_packing_changes_nothing():
                 torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
-def test_bf16_close_to_fp32():
+SCREEN_PARTS = [{}, dict(classifier_bf16=True), dict(stream_bf16=True), SCREENING]
+
+
+@pytest.mark.parametrize("screen", SCREEN_PARTS, ids=["plain", "classifier", "stream", "screening"])
+def test_bf16_close_to_fp32(screen):
+    """bf16, and each part of bf16-refined's screening pass: within 3e-2 of fp32, and each
+    part changes the losses (it did run in bf16)."""
     model, frames, tokens = make(PAPERISH, 300, n_audios=8, n_captions=6, seed=3)
     fp32 = PairScorer(model, PAD, frames, "cpu", "fp32").loss_matrix(tokens)
-    scorer = PairScorer(model, PAD, frames, "cpu", "bf16")
+    scorer = PairScorer(model, PAD, frames, "cpu", "bf16", **screen)
     bf16 = scorer.loss_matrix(tokens)
     assert bf16.dtype == np.float32
     np.testing.assert_allclose(bf16, fp32, rtol=0, atol=3e-2)
     assert np.abs(bf16 - fp32).max() > 0  # it did run in bf16
+    if screen:
+        assert not np.array_equal(bf16, PairScorer(model, PAD, frames, "cpu", "bf16").loss_matrix(tokens))
     pairs = scorer.loss_pairs([0, 5, 7], [tokens[1], tokens[2], tokens[5]])
     np.testing.assert_allclose(pairs, fp32[[0, 5, 7], [1, 2, 5]], rtol=0, atol=3e-2)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_block_composition_does_not_change_a_bit(precision):
+@pytest.mark.parametrize(("precision", "screen"), [("fp32", {}), ("bf16", {}), ("bf16", SCREENING)], ids=["fp32", "bf16", "screening"])
+def test_block_composition_does_not_change_a_bit(precision, screen):
     """loss_matrix on a caption list equals, column by column and exactly, loss_matrix on
     a permutation of it cut into uneven blocks, and on each caption alone."""
     model, frames, tokens = make(TINY, 30, n_audios=13, n_captions=12, seed=4)
-    scorer = PairScorer(model, PAD, frames, "cpu", precision, pairs_per_batch=5)
+    scorer = PairScorer(model, PAD, frames, "cpu", precision, pairs_per_batch=5, **screen)
     full = scorer.loss_matrix(tokens)
     perm = np.random.default_rng(0).permutation(len(tokens))
     parts = [perm[:5], perm[5:6], perm[6:]]
@@ -122,7 +132,7 @@ def test_block_composition_does_not_change_a_bit(precision):
         assert np.array_equal(got, full[:, part])
     assert np.array_equal(scorer.loss_matrix([tokens[3]])[:, 0], full[:, 3])
     # a second scorer (another actor) gives the same bits
-    other = PairScorer(model, PAD, frames, "cpu", precision, pairs_per_batch=5)
+    other = PairScorer(model, PAD, frames, "cpu", precision, pairs_per_batch=5, **screen)
     assert np.array_equal(other.loss_matrix([tokens[j] for j in perm]), full[:, perm])
 
 
