@@ -600,14 +600,15 @@ class PairScorer:
 # --------------------------------------------------------------------------------------
 
 REFINE_MARGIN = 0.01
+"""Default bound on bf16's loss error, relative to the loss: measured at most 3.4e-3 (99.99%
+of pairs below 2.4e-3) over 288,000 pairs of the demo checkpoint, so about 3x headroom; a
+margin of 0.005 instead re-scores 8.2% of those pairs rather than 9.0% (docs/benchmarks.md).
+With `SCREENING`'s bf16 stream the largest error seen is 4.9e-3 (882,000 demo pairs): 2x."""
 # bf16-refined's screening scorer: bf16 beyond plain bf16 where the margin covers the error.
 # docs/benchmarks.md, on the demo model's 882,000 pairs: a bf16 residual stream and norms
 # raise the largest |bf16 - fp32| / fp32 from 2.6e-3 to 4.9e-3 (under half the margin) for
 # ~8% more speed; a bf16 classifier to 9.4e-3 (1.0e-2 with both: at the margin): not used.
 SCREENING = dict(stream_bf16=True)
-"""Default bound on bf16's loss error, relative to the loss: measured at most 3.4e-3 (99.99%
-of pairs below 2.4e-3) over 288,000 pairs of the demo checkpoint, so about 3x headroom; a
-margin of 0.005 instead re-scores 8.2% of those pairs rather than 9.0% (docs/benchmarks.md)."""
 
 
 def _window(P: np.ndarray, D: np.ndarray, k: int) -> np.ndarray:
