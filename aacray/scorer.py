@@ -145,7 +145,17 @@ class FastDecoder:
     attention (False), None for fused on CUDA only. stream_dtype: the residual stream's and
     the layer norms' dtype; classifier_dtype: the classifier's (its output is widened to fp32
     for the log-softmax either way). Both fp32 except in bf16-refined's screening pass.
+    classifier_rows: the classifier and log-softmax run on this many token rows at a time
+    (None: all the forward's rows at once); the default, `CLASSIFIER_ROWS`, on CPU only.
     """
+
+    # On CPU the (rows, V) fp32 logits of one forward (15 MB at 768 rows, 61 MB at 3072, V =
+    # 5000) are written by the classifier and read back by the log-softmax from memory; in
+    # 128-row slices (2.5 MB) the log-softmax reads them from cache: classifier plus loss 1.5x
+    # (fp32) to 2.8x (bf16, 3072 rows) faster on an AMX Xeon, the same bits (docs/benchmarks.md).
+    # Slicing the feed-forward block the same way is slower (its matmuls lose more than the
+    # cache gains). A GPU takes the whole forward at once.
+    CLASSIFIER_ROWS = 128
 
     def __init__(
         self,
@@ -155,6 +165,7 @@ class FastDecoder:
         fused_attention: bool | None = None,
         stream_dtype: torch.dtype = torch.float32,
         classifier_dtype: torch.dtype = torch.float32,
+        classifier_rows: int | None | str = "auto",
     ):
         assert not model.training, "FastDecoder needs model.eval() (dropout would randomise the score)"
         for dt in (compute_dtype, stream_dtype, classifier_dtype):
@@ -196,7 +207,12 @@ class FastDecoder:
                     ],
                 )
             )
-        self.classifier = _Linear(model.classifier.weight, model.classifier.bias, classifier_dtype, pack_rows)
+        if classifier_rows == "auto":
+            classifier_rows = self.CLASSIFIER_ROWS if self.device.type == "cpu" else None
+        assert classifier_rows is None or (isinstance(classifier_rows, int) and classifier_rows > 0), f"{classifier_rows=}"
+        self.classifier_rows = classifier_rows
+        cls_pack = None if pack_rows is None else (classifier_rows or pack_rows)
+        self.classifier = _Linear(model.classifier.weight, model.classifier.bias, classifier_dtype, cls_pack)
 
     # --- per audio ---------------------------------------------------------------------
     def audio_kv(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -253,11 +269,9 @@ class FastDecoder:
         for i, layer in enumerate(self.layers[1:], start=1):
             x = self._self_attn(x, layer)
             x = self._cross_and_ff(x, self._queries(x, layer), kv[i], mask, layer)
-        logits = self.classifier(x).float()  # (B, T, V); the log-softmax and the loss run in fp32
-        V = logits.shape[-1]
         tgt = target.expand(B, T).reshape(-1)
         ignore = -100 if pad_id is None else pad_id
-        nll = F.cross_entropy(logits.view(B * T, V), tgt, ignore_index=ignore, reduction="none").view(B, T)
+        nll = self._token_nll(x.reshape(B * T, self.D), tgt, ignore).view(B, T)
         if pad_id is None:
             return nll.sum(dim=1) / T
         n = (target != pad_id).sum(dim=1)
@@ -265,6 +279,25 @@ class FastDecoder:
         return nll.sum(dim=1) / n.to(torch.float32)
 
     # --- pieces ------------------------------------------------------------------------
+    def _token_nll(self, x: Tensor, target: Tensor, ignore: int) -> Tensor:
+        """x (n, D) last hidden states, target (n,) -> -log p(target) (n,) fp32 (0 where
+        target is ignore): the classifier, then the log-softmax and the loss in fp32, on
+        classifier_rows rows at a time. Every slice has that row count, the last one
+        overlapping its predecessor, so a row's bits never depend on n (a one-row matmul
+        rounds differently on CPU)."""
+        n, c = x.shape[0], self.classifier_rows
+
+        def nll(rows: slice) -> Tensor:
+            logits = self.classifier(x[rows]).float()
+            return F.cross_entropy(logits, target[rows], ignore_index=ignore, reduction="none")
+
+        if c is None or n <= c:
+            return nll(slice(None))
+        out = torch.empty(n, dtype=torch.float32, device=x.device)
+        for s in [*range(0, n - c + 1, c), *([n - c] if n % c else [])]:
+            out[s : s + c] = nll(slice(s, s + c))
+        return out
+
     def _norm(self, x: Tensor, n) -> Tensor:
         return F.layer_norm(x, (self.D,), n[0], n[1], n[2])
 
@@ -374,7 +407,8 @@ class PairScorer:
     (False: `F.linear`, same maths, ~10% slower). fused_attention: as `FastDecoder`'s.
     stream_bf16, classifier_bf16 (precision bf16 only): the residual stream and norms, and
     the classifier, in bf16 too; bf16-refined screens with `SCREENING` (its margin covers
-    the error), plain bf16 keeps both fp32.
+    the error), plain bf16 keeps both fp32. classifier_rows: as `FastDecoder`'s (same bits
+    for any value but 1).
     """
 
     # CPU forwards stop at about this many token rows by default, one value for every CPU so
@@ -397,6 +431,7 @@ class PairScorer:
         fused_attention: bool | None = None,
         stream_bf16: bool = False,
         classifier_bf16: bool = False,
+        classifier_rows: int | None | str = "auto",
     ):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
@@ -415,6 +450,7 @@ class PairScorer:
             self.model, dtype, pack_rows=pack_rows, fused_attention=fused_attention,
             stream_dtype=torch.bfloat16 if stream_bf16 else torch.float32,
             classifier_dtype=torch.bfloat16 if classifier_bf16 else torch.float32,
+            classifier_rows=classifier_rows,
         )
         self.cpu_rows = cpu_rows if on_cpu else None
         with torch.inference_mode():

@@ -309,6 +309,9 @@ def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, 
             rows["fast bf16, SDPA attention"] = dict(fn=scorer("bf16", fused_attention=True), **bf16)
             for n in (256, 768):
                 rows[f"fast bf16, {n} rows per forward"] = dict(fn=scorer("bf16", cpu_rows=n), **bf16)
+        rows["fast fp32, classifier on the whole forward"] = dict(fn=scorer("fp32", classifier_rows=None), **fp32)
+        if "bf16" in precisions:
+            rows["fast bf16, classifier on the whole forward"] = dict(fn=scorer("bf16", classifier_rows=None), **bf16)
         # the whole index in one forward per caption
         rows["fast fp32, whole index per forward"] = dict(fn=scorer("fp32", N, cpu_rows=None), **fp32)
     if "bf16" in precisions:  # the parts bf16-refined's screening pass may add (SCREENING keeps the stream)

@@ -98,6 +98,31 @@ def test_fast_decoder_equals_module_and_packing_changes_nothing():
                 torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_classifier_slices_change_no_bit(precision):
+    """The classifier and log-softmax in row slices (the CPU default, the last slice
+    overlapping its predecessor; a slice wider than some forwards) give the bits of the
+    whole forward at once, in loss_matrix and in loss_pairs of either layout."""
+    model, frames, tokens = make(PAPERISH, 300, n_audios=23, n_captions=7, seed=5)
+    ref = reference_loss_matrix(model, PAD, frames, tokens)
+    whole = PairScorer(model, PAD, frames, "cpu", precision, classifier_rows=None)
+    full = whole.loss_matrix(tokens)
+    a_idx = np.array([0, 4, 4, 9, 22, 17, 3])
+    c_idx = np.array([1, 1, 6, 2, 0, 5, 3])
+    for rows in (FastDecoder.CLASSIFIER_ROWS, 48, 5):
+        sliced = PairScorer(model, PAD, frames, "cpu", precision, classifier_rows=rows)
+        assert sliced.fast.classifier_rows == rows
+        n_rows = [len(t) - 1 for t in tokens]
+        assert any(23 * n > rows and 23 * n % rows for n in n_rows)  # an overlapping last slice ran
+        assert np.array_equal(sliced.loss_matrix(tokens), full), rows
+        assert np.array_equal(sliced.loss_pairs(a_idx, tokens, c_idx), whole.loss_pairs(a_idx, tokens, c_idx)), rows
+        batched = [tokens[c] for c in c_idx]
+        assert np.array_equal(sliced.loss_pairs(a_idx, batched), whole.loss_pairs(a_idx, batched)), rows
+    if precision == "fp32":
+        np.testing.assert_allclose(full, ref, rtol=0, atol=1e-5)
+    assert PairScorer(model, PAD, frames[:2], "cpu", precision).fast.classifier_rows == FastDecoder.CLASSIFIER_ROWS
+
+
 SCREEN_PARTS = [{}, dict(classifier_bf16=True), dict(stream_bf16=True), SCREENING]
 
 
