@@ -109,15 +109,16 @@ def test_classifier_slices_change_no_bit(precision):
     full = whole.loss_matrix(tokens)
     a_idx = np.array([0, 4, 4, 9, 22, 17, 3])
     c_idx = np.array([1, 1, 6, 2, 0, 5, 3])
+    batched = [tokens[c] for c in c_idx]
+    whole_pairs, whole_batched = whole.loss_pairs(a_idx, tokens, c_idx), whole.loss_pairs(a_idx, batched)
+    n_rows = [len(t) - 1 for t in tokens]
     for rows in (FastDecoder.CLASSIFIER_ROWS, 48, 5):
         sliced = PairScorer(model, PAD, frames, "cpu", precision, classifier_rows=rows)
         assert sliced.fast.classifier_rows == rows
-        n_rows = [len(t) - 1 for t in tokens]
         assert any(23 * n > rows and 23 * n % rows for n in n_rows)  # an overlapping last slice ran
         assert np.array_equal(sliced.loss_matrix(tokens), full), rows
-        assert np.array_equal(sliced.loss_pairs(a_idx, tokens, c_idx), whole.loss_pairs(a_idx, tokens, c_idx)), rows
-        batched = [tokens[c] for c in c_idx]
-        assert np.array_equal(sliced.loss_pairs(a_idx, batched), whole.loss_pairs(a_idx, batched)), rows
+        assert np.array_equal(sliced.loss_pairs(a_idx, tokens, c_idx), whole_pairs), rows
+        assert np.array_equal(sliced.loss_pairs(a_idx, batched), whole_batched), rows
     if precision == "fp32":
         np.testing.assert_allclose(full, ref, rtol=0, atol=1e-5)
     assert PairScorer(model, PAD, frames[:2], "cpu", precision).fast.classifier_rows == FastDecoder.CLASSIFIER_ROWS
