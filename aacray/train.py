@@ -70,45 +70,19 @@ class Prepared:
 
 
 def prepare(cfg: TrainConfig, train: EmbeddingSet, val: EmbeddingSet, captions: pa.Table) -> Prepared:
+    """Checks every training input and tokenises the captions, with the vocabulary built from
+    the train split. A bad audio, a caption without a usable audio or in-vocabulary word, and a
+    caption over the decoder's length (refused, never cut) is an error naming each item, or
+    with on_bad_input=quarantine is left out and listed in `Prepared.quarantine`."""
     bad: list[dict] = []
     bad_audio = {}
     for split, es in (("train", train), ("val", val)):
         for aid, why in check_embeddings(es, split):
             bad.append({"item": f"audio {aid}", "reason": why})
             bad_audio[aid] = why
-    subset_of = {a: "train" for a in train.audio_ids} | {a: "val" for a in val.audio_ids}
-    rows = captions.to_pylist()
-    wanted = set(cfg.train_subsets) | set(cfg.val_subsets)
-    per_split: dict[str, list[tuple[str, str, str]]] = {"train": [], "val": []}
-    for r in rows:
-        if r["subset"] not in wanted:
-            continue
-        cid, aid, text = r["caption_id"], r["audio_id"], r["text"] or ""
-        if aid is None or aid not in subset_of:
-            bad.append({"item": f"caption {cid}", "reason": f"its audio {aid!r} has no embedding"})
-            continue
-        if aid in bad_audio:
-            bad.append({"item": f"caption {cid}", "reason": f"its audio {aid} is bad ({bad_audio[aid]})"})
-            continue
-        if not normalize(text):
-            bad.append({"item": f"caption {cid}", "reason": f"empty after normalisation: {text!r}"})
-            continue
-        per_split[subset_of[aid]].append((cid, aid, text))
+    per_split = _usable_captions(cfg, train, val, captions, bad_audio, bad)
     tok = WordTokenizer.build([t for _, _, t in per_split["train"]], min_freq=cfg.min_freq)
-    out: dict[str, dict[str, list[list[int]]]] = {"train": {}, "val": {}}
-    val_texts: dict[str, list[str]] = {}
-    max_tokens = cfg.model.max_len + 1  # inputs (bos + words) fit max_len positions
-    for split, items in per_split.items():
-        for cid, aid, text in items:
-            ids = tok.encode(text)
-            if all(i == tok.unk_id for i in ids[1:-1]):
-                bad.append({"item": f"caption {cid}", "reason": f"no in-vocabulary word: {text!r}"})
-                continue
-            if len(ids) > max_tokens:
-                ids = ids[: max_tokens - 1] + [tok.eos_id]
-            out[split].setdefault(aid, []).append(ids)
-            if split == "val":
-                val_texts.setdefault(aid, []).append(text)
+    out, val_texts = _encode_captions(per_split, tok, cfg.model.max_len, bad)
     for split, es in (("train", train), ("val", val)):
         for aid in es.audio_ids:
             if aid not in out[split] and aid not in bad_audio:
@@ -126,6 +100,50 @@ def prepare(cfg: TrainConfig, train: EmbeddingSet, val: EmbeddingSet, captions: 
     if not out["val"]:
         raise BadInputError(f"no usable validation clips in subsets {cfg.val_subsets}")
     return Prepared(tok, out["train"], out["val"], bad, val_texts)
+
+
+def _usable_captions(cfg: TrainConfig, train: EmbeddingSet, val: EmbeddingSet, captions: pa.Table,
+                     bad_audio: dict[str, str], bad: list[dict]) -> dict[str, list[tuple[str, str, str]]]:
+    """split -> (caption id, audio id, text) of the selected subsets' captions whose audio is
+    usable and whose text is not empty after normalisation; the others go to `bad`."""
+    subset_of = {a: "train" for a in train.audio_ids} | {a: "val" for a in val.audio_ids}
+    wanted = set(cfg.train_subsets) | set(cfg.val_subsets)
+    per_split: dict[str, list[tuple[str, str, str]]] = {"train": [], "val": []}
+    for r in captions.to_pylist():
+        if r["subset"] not in wanted:
+            continue
+        cid, aid, text = r["caption_id"], r["audio_id"], r["text"] or ""
+        if aid is None or aid not in subset_of:
+            bad.append({"item": f"caption {cid}", "reason": f"its audio {aid!r} has no embedding"})
+        elif aid in bad_audio:
+            bad.append({"item": f"caption {cid}", "reason": f"its audio {aid} is bad ({bad_audio[aid]})"})
+        elif not normalize(text):
+            bad.append({"item": f"caption {cid}", "reason": f"empty after normalisation: {text!r}"})
+        else:
+            per_split[subset_of[aid]].append((cid, aid, text))
+    return per_split
+
+
+def _encode_captions(per_split, tok: WordTokenizer, max_len: int, bad: list[dict]):
+    """(split -> audio id -> token lists, audio id -> its validation texts). A caption with no
+    in-vocabulary word, or longer than the decoder's max_len positions take (bos and the words;
+    a cut one would teach an ending the caption does not have), goes to `bad` instead."""
+    out: dict[str, dict[str, list[list[int]]]] = {"train": {}, "val": {}}
+    val_texts: dict[str, list[str]] = {}
+    for split, items in per_split.items():
+        for cid, aid, text in items:
+            ids = tok.encode(text)
+            if all(i == tok.unk_id for i in ids[1:-1]):
+                bad.append({"item": f"caption {cid}", "reason": f"no in-vocabulary word: {text!r}"})
+            elif len(ids) > max_len + 1:
+                bad.append({"item": f"caption {cid}", "reason": (
+                    f"{len(ids) - 2} words, over the decoder's limit of {max_len - 1} (model.max_len = "
+                    f"{max_len}): shorten it or train with a larger model.max_len")})
+            else:
+                out[split].setdefault(aid, []).append(ids)
+                if split == "val":
+                    val_texts.setdefault(aid, []).append(text)
+    return out, val_texts
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -134,18 +134,22 @@ def test_prepare_names_bad_inputs():
             ("nan#0", "development", "a bell rings", "nan"),
             ("v1#0", "validation", "zyzzyva quux", "v1"),
             ("v1#1", "validation", "a dog barks", "v1"),
+            ("a1#2", "development", "a dog barks " * 21, "a1"),  # 63 words: the longest max_len 64 takes
+            ("a2#2", "development", "a dog barks " * 21 + "loudly", "a2"),  # 64 words: max_len 64 takes 63
         ]
     )
     with pytest.raises(BadInputError) as e:
         prepare(_cfg(), train, val, caps)
     msg = str(e.value)
     for needle in ("audio nan: embedding holds NaN", "audio narrow: embedding width 10", "caption a2#0: empty after normalisation",
-                   "caption ghost#0: its audio 'ghost' has no embedding", "caption v1#0: no in-vocabulary word", "on_bad_input=quarantine"):
+                   "caption ghost#0: its audio 'ghost' has no embedding", "caption v1#0: no in-vocabulary word", "on_bad_input=quarantine",
+                   "caption a2#2: 64 words, over the decoder's limit of 63 (model.max_len = 64)"):
         assert needle in msg, needle
     p = prepare(_cfg(on_bad_input="quarantine"), train, val, caps)
-    assert set(p.train_tokens) == {"a1", "a2"} and len(p.train_tokens["a1"]) == 2 and len(p.train_tokens["a2"]) == 1
+    assert set(p.train_tokens) == {"a1", "a2"} and len(p.train_tokens["a2"]) == 1
+    assert [len(t) for t in p.train_tokens["a1"]] == [5, 6, 65]  # bos, words, eos: whole, never cut
     assert list(p.val_tokens) == ["v1"] and len(p.val_tokens["v1"]) == 1
-    assert len(p.quarantine) == 6
+    assert len(p.quarantine) == 7
 
 
 def test_nan_loss_stops_training():
