@@ -4,8 +4,9 @@ CPU (paper-size model, random weights):   python jobs/bench_scoring.py
 + top-10 rankings fp32 vs bf16, demo:     python jobs/bench_scoring.py --demo-ranks
 + in-process scorer vs Ray score_matrix:  python jobs/bench_scoring.py --only ray \
       --ray-set 'audio_subsets=[development,validation,evaluation]'   (420 x 400 demo pairs)
-+ kept/discarded variants of the scorer:  python jobs/bench_scoring.py --ablations
-  (built from public arguments only: PairScorer's cpu_rows, pack_weights, fused_attention,
++ kept/discarded variants of the scorer:  python jobs/bench_scoring.py --ablations [TEXT]
+  (TEXT: only the variants whose row name contains it; built from public arguments only:
+  PairScorer's cpu_rows, pack_weights, fused_attention, one-thread streams as CPU actors run,
   `torch.compile` of its per-pair forward, and `pair_loss_memory` for the module-per-caption
   path the scorer replaced; bf16 variants only with --precision bf16, the default)
 + score_matrix end to end on a synthetic index of --audios x --captions:  --only job
@@ -157,37 +158,51 @@ def run_rows(args, device) -> None:
         rate="bf16" if args.precision == "bf16" else "fp32",
     )
     if args.precision == "bf16" and args.refine_share > 0:
-        # (d): what precision bf16-refined costs: a bf16 scorer over every pair, then an fp32
-        # scorer (built too, as an actor builds both) re-scoring refine_share of each caption's
-        # audios with loss_pairs. On random weights the refinement windows mean nothing, so the
-        # share is set (--refine-share; measured on trained-model matrices, docs/benchmarks.md)
-        # and the pairs drawn at random: the cost does not depend on which pairs they are.
-        n_re = max(1, round(args.refine_share * N))
-        re_rows = np.concatenate([rng.choice(N, n_re, replace=False) for _ in range(M)])
-        re_cols = np.repeat(np.arange(M), n_re)
-
-        def refined(screen):
-            def run():
-                L = PairScorer(model, PAD, frames, device, "bf16", args.pairs_per_batch, **screen).loss_matrix(tokens)
-                exact = PairScorer(model, PAD, frames, device, "fp32", args.pairs_per_batch)
-                L[re_rows, re_cols] = exact.loss_pairs(re_rows, tokens, re_cols)
-                return L
-            return run
-
-        # its screening pass as BlockScorer builds it (SCREENING)
-        share = f"{n_re * M / (N * M):.1%} re-scored"
-        rows[f"(d) bf16-refined, {share}"] = dict(fn=refined(SCREENING), pairs=N * M, useful=useful_all, executed=None, rate="bf16")
-        if args.ablations:
-            rows[f"(d) bf16-refined, {share}, screening as plain bf16"] = dict(
-                fn=refined({}), pairs=N * M, useful=useful_all, executed=None, rate="bf16"
-            )
-    if args.ablations:
+        add_refined(rows, args, model, frames, tokens, rng, useful_all, device)
+    if args.ablations is not None:
+        kept = set(rows)
         add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, useful_all, executed_all, device)
+        for name in [k for k in rows if k not in kept and args.ablations not in k]:
+            del rows[name]
 
+    times, round_rates, outputs = time_rows(rows, dtypes, args.rounds, device)
+    print_table(rows, times, round_rates, outputs, "(a) naive fp32" if n_naive else None, naive_pairs, args.rounds)
+
+
+def add_refined(rows, args, model, frames, tokens, rng, useful_all, device) -> None:
+    """Row (d), what precision bf16-refined costs: a bf16 scorer over every pair, then an fp32
+    scorer (built too, as an actor builds both) re-scoring refine_share of each caption's
+    audios with loss_pairs. On random weights the refinement windows mean nothing, so the
+    share is set (--refine-share; measured on trained-model matrices, docs/benchmarks.md)
+    and the pairs drawn at random: the cost does not depend on which pairs they are."""
+    N, M = args.audios, args.captions
+    n_re = max(1, round(args.refine_share * N))
+    re_rows = np.concatenate([rng.choice(N, n_re, replace=False) for _ in range(M)])
+    re_cols = np.repeat(np.arange(M), n_re)
+
+    def refined(screen):
+        def run():
+            L = PairScorer(model, PAD, frames, device, "bf16", args.pairs_per_batch, **screen).loss_matrix(tokens)
+            exact = PairScorer(model, PAD, frames, device, "fp32", args.pairs_per_batch)
+            L[re_rows, re_cols] = exact.loss_pairs(re_rows, tokens, re_cols)
+            return L
+        return run
+
+    # its screening pass as BlockScorer builds it (SCREENING)
+    share = f"{n_re * M / (N * M):.1%} re-scored"
+    rows[f"(d) bf16-refined, {share}"] = dict(fn=refined(SCREENING), pairs=N * M, useful=useful_all, executed=None, rate="bf16")
+    plain = f"(d) bf16-refined, {share}, screening as plain bf16"
+    if args.ablations is not None and args.ablations in plain:
+        rows[plain] = dict(fn=refined({}), pairs=N * M, useful=useful_all, executed=None, rate="bf16")
+
+
+def time_rows(rows, dtypes, rounds: int, device):
+    """Every row once per round, in order, the matmul rate of each dtype measured at the
+    start of each round; -> (seconds per row per round, rates per round, first outputs)."""
     times: dict[str, list[float]] = {k: [] for k in rows}
     round_rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
     outputs: dict[str, np.ndarray] = {}
-    for r in range(args.rounds):
+    for r in range(rounds):
         for prec in ("fp32", "bf16"):
             round_rates[prec].append(matmul_rate(device, dtypes[prec], reps=3) if prec in dtypes else float("nan"))
         for name, row in rows.items():
@@ -198,13 +213,17 @@ def run_rows(args, device) -> None:
             times[name].append(time.perf_counter() - t)
             outputs.setdefault(name, out)
         print(
-            f"round {r + 1}/{args.rounds} (matmul fp32 {round_rates['fp32'][-1] / 1e9:.0f}, bf16 "
+            f"round {r + 1}/{rounds} (matmul fp32 {round_rates['fp32'][-1] / 1e9:.0f}, bf16 "
             f"{round_rates['bf16'][-1] / 1e9:.0f} GFLOP/s), pairs/s: "
             + "  ".join(f"[{i}] {rows[k]['pairs'] / v[-1]:.0f}" for i, (k, v) in enumerate(times.items())),
             flush=True,
         )
+    return times, round_rates, outputs
 
-    base = "(a) naive fp32" if n_naive else None
+
+def print_table(rows, times, round_rates, outputs, base, naive_pairs, rounds: int) -> None:
+    """The rows' medians over the rounds: pairs/s, x (a) and the matmul shares as medians of
+    per-round ratios, and each row's largest loss difference from (a) on (a)'s pairs."""
     ref = outputs.get(base)
     print(
         "\n| | row | pairs/s | x (a) | useful GFLOP/s | share of matmul | executed share | max abs loss diff vs (a) |\n"
@@ -229,7 +248,7 @@ def run_rows(args, device) -> None:
             f"| [{i}] | {name} | {statistics.median(pps):.0f} | {ratio} | {statistics.median(flops) / 1e9:.0f} | "
             f"{share:.0%} of {row['rate']} | {ex} | {diff} |"
         )
-    print(f"(medians over {args.rounds} rounds; x (a) and the shares are medians of per-round ratios, the matmul rate measured in each round)")
+    print(f"(medians over {rounds} rounds; x (a) and the shares are medians of per-round ratios, the matmul rate measured in each round)")
 
 
 def module_losses(model, frames, tokens, batch: int, device, bf16: bool = False) -> np.ndarray:
@@ -269,6 +288,41 @@ def compiled_scorer(model, frames, tokens, precision: str, args, device, mode: s
     return lambda: sc.loss_matrix(tokens)
 
 
+def thread_streams(model, frames, tokens, precision: str, pairs_per_batch: int, device, n: int):
+    """n Python threads of one intra-op thread each, caption j scored by stream j % n with a
+    scorer of its own: how n actors of one CPU share a node, without Ray. Small elementwise
+    ops and attention calls run on one thread anyway (below torch's parallel grain), so n
+    streams keep every core busy where one n-thread scorer leaves n - 1 idle."""
+    import threading
+
+    def run():
+        parts: dict[int, np.ndarray] = {}
+        errors: list[BaseException] = []
+
+        def stream(i):
+            try:
+                torch.set_num_threads(1)
+                parts[i] = PairScorer(model, PAD, frames, device, precision, pairs_per_batch).loss_matrix(tokens[i::n])
+            except BaseException as e:  # re-raised in the caller
+                errors.append(e)
+
+        threads = torch.get_num_threads()
+        workers = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        torch.set_num_threads(threads)
+        if errors:
+            raise errors[0]
+        out = np.empty((len(frames), len(tokens)), np.float32)
+        for i, part in parts.items():
+            out[:, i::n] = part
+        return out
+
+    return run
+
+
 def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, useful_all, executed_all, device):
     """Variants of the scorer, for the kept/discarded table of docs/benchmarks.md; each is
     PairScorer with public arguments."""
@@ -284,12 +338,12 @@ def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, 
     fp32 = dict(pairs=N * M, useful=useful_all, executed=executed_all, rate="fp32")
     bf16 = dict(fp32, rate="bf16")
     precisions = {"fp32": fp32, **({"bf16": bf16} if args.precision == "bf16" else {})}
-    for prec, kind in precisions.items():
-        rows[f"fast {prec}, torch.compile (warm)"] = dict(fn=compiled_scorer(model, frames, tokens, prec, args, device), **kind)
-        if device.type == "cuda":
-            rows[f"fast {prec}, torch.compile + CUDA graphs (warm)"] = dict(
-                fn=compiled_scorer(model, frames, tokens, prec, args, device, "reduce-overhead"), **kind
-            )
+    for prec, kind in precisions.items():  # compiled here, so only when the row is asked for
+        for mode, name in [(None, f"fast {prec}, torch.compile (warm)")] + (
+            [("reduce-overhead", f"fast {prec}, torch.compile + CUDA graphs (warm)")] if device.type == "cuda" else []
+        ):
+            if args.ablations in name:
+                rows[name] = dict(fn=compiled_scorer(model, frames, tokens, prec, args, device, mode), **kind)
     rows["previous PairScorer fp32 (module, per caption)"] = dict(fn=module(False), **fp32)
     if "bf16" in precisions:
         rows["previous PairScorer bf16 autocast"] = dict(fn=module(True), **bf16)
@@ -314,6 +368,12 @@ def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, 
             rows["fast bf16, classifier on the whole forward"] = dict(fn=scorer("bf16", classifier_rows=None), **bf16)
         # the whole index in one forward per caption
         rows["fast fp32, whole index per forward"] = dict(fn=scorer("fp32", N, cpu_rows=None), **fp32)
+        if torch.get_num_threads() > 1:  # as score_matrix's CPU actors run: num_cpus 1 each
+            n = torch.get_num_threads()
+            for prec, kind in precisions.items():
+                rows[f"fast {prec}, {n} one-thread streams (captions split, each builds its scorer)"] = dict(
+                    fn=thread_streams(model, frames, tokens, prec, args.pairs_per_batch, device, n), **kind
+                )
     if "bf16" in precisions:  # the parts bf16-refined's screening pass may add (SCREENING keeps the stream)
         rows["fast bf16, bf16 classifier"] = dict(fn=scorer("bf16", classifier_bf16=True), **bf16)
         rows["fast bf16, bf16 residual stream and norms"] = dict(fn=scorer("bf16", stream_bf16=True), **bf16)
@@ -552,7 +612,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ablations", action="store_true", help="also time the scorer variants")
+    p.add_argument("--ablations", nargs="?", const="", default=None, metavar="TEXT",
+                   help="also time the scorer variants (with TEXT: only those whose row name contains it)")
     p.add_argument("--demo-ranks", action="store_true", help="top-10 rankings fp32 vs bf16 vs bf16-refined, demo")
     p.add_argument("--demo-checkpoint", default="runs/demo/train_decoder")
     p.add_argument("--demo-extract", default="runs/demo/extract_embeddings", help="--demo-ranks: audios and captions")

@@ -16,6 +16,7 @@ from faults import isolated_env
 
 from aacray import checkpoint as ckpt_lib
 from aacray import machine
+from aacray.decoder import CaptionDecoder, DecoderConfig
 from aacray.embeddings import read_captions, read_embeddings
 from aacray.index import load_score_matrix
 from aacray.scorer import PairScorer
@@ -73,3 +74,39 @@ def test_job_part_scores_the_index_it_wrote(tmp_path):
     ai = [aids.index(a) for a in es.audio_ids]
     ci = [cids.index(c) for c in caps.column("caption_id").to_pylist()]
     np.testing.assert_array_equal(L[np.ix_(ai, ci)], want)
+
+
+def test_thread_streams_give_the_one_thread_bits():
+    """The ablation row `n one-thread streams` (captions split between Python threads of one
+    intra-op thread each, a scorer each) returns the matrix of one single-thread scorer, bit
+    for bit, every caption in its own column: a forward's bits depend on its caption and audio
+    chunk only, never on the captions scored beside it or on the stream."""
+    sys.path.insert(0, os.path.join(ROOT, "jobs"))
+    import bench_scoring as bench
+
+    torch.manual_seed(0)
+    model = CaptionDecoder(DecoderConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64), 40, bench.PAD).eval()
+    frames, tokens = bench.synthetic(9, 7, 5, 40, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = PairScorer(model, bench.PAD, frames, "cpu", "fp32", 4).loss_matrix(tokens)
+        got = bench.thread_streams(model, frames, tokens, "fp32", 4, torch.device("cpu"), 3)()
+        assert torch.get_num_threads() == 1, "the caller's thread count is restored"
+    finally:
+        torch.set_num_threads(threads)
+    assert got.shape == (9, 7) and np.array_equal(got, want), np.abs(got - want).max()
+
+
+def test_ablations_text_keeps_only_the_rows_named():
+    """--ablations TEXT times the variants whose row name holds TEXT and no other (the
+    torch.compile rows are not even compiled), beside the rows (a)-(c)."""
+    cmd = [sys.executable, "jobs/bench_scoring.py", "--only", "rows", "--audios", "4", "--captions", "6",
+           "--frames", "5", "--vocab", "40", "--rounds", "1", "--naive-pairs", "24", "--threads", "2", "--precision", "fp32",
+           "--ablations", "rows per forward"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    names = [line.split(" | ")[1] for line in p.stdout.splitlines() if line.startswith("| [")]
+    assert names[:3] == ["(a) naive fp32", "(b) PairScorer fp32", "(c) PairScorer fp32"], names
+    assert sorted(names[3:]) == ["fast fp32, 256 rows per forward", "fast fp32, 768 rows per forward"], names
+    assert "torch.compile" not in p.stdout
