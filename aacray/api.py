@@ -87,7 +87,7 @@ class Captioner:
         frames = self.frames(audios, sample_rate)
         tokens = [self.tok.encode(t) for t in captions]
         ids = [f"caption {j}" for j in range(len(captions))]
-        long = over_long(ids, tokens, self.model.cfg.max_len + 1)
+        long = over_long(ids, tokens, self.model.cfg.max_tokens)
         if long:
             raise BadInputError(long)
         with torch.inference_mode():

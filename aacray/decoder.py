@@ -53,6 +53,13 @@ class DecoderConfig:
     audio_pos_enc: bool = False
     """Add a sinusoidal positional encoding to the projected frames (off: paper-faithful)."""
 
+    @property
+    def max_tokens(self) -> int:
+        """Most token ids a caption may have, bos and eos included: its max_len input
+        positions (bos + words) and the last target (eos). A longer caption is refused or
+        quarantined, never cut (docs/bad_inputs.md)."""
+        return self.max_len + 1
+
     def __post_init__(self) -> None:
         for name in ("emb_dim", "d_model", "n_layers", "n_heads", "d_ff", "max_len"):
             v = getattr(self, name)

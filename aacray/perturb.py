@@ -396,7 +396,7 @@ def plan_perturb(cfg: PerturbConfig) -> PerturbPlan:
         [cids[i] for i in keep], [texts[i] or "" for i in keep], [gts[i] for i in keep],
         cfg.sets, cfg.alternatives, cfg.seed,
     )
-    pairs = plan_pairs(rows, tok, model.cfg.max_len + 1)
+    pairs = plan_pairs(rows, tok, model.cfg.max_tokens)
     log.info(
         "perturb: %d captions with an audio, %d perturbed captions, %d pairs to score",
         len(keep), len(pairs.kept), len(pairs.pairs),

@@ -442,7 +442,7 @@ class Model:
 
     @property
     def max_tokens(self) -> int:
-        return self.cfg.max_len + 1
+        return self.cfg.max_tokens
 
 
 @dataclass

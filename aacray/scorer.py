@@ -839,8 +839,8 @@ def over_long(caption_ids: list[str], tokens: list[list[int]], max_tokens: int) 
     """A problem line naming the captions the decoder cannot score whole, or None.
 
     tokens: each caption's uncut tokens (bos, words, eos: `WordTokenizer.encode`);
-    max_tokens: the decoder's max_len + 1 (its max_len input positions hold bos and the
-    words), so a caption may hold at most max_tokens - 2 words."""
+    max_tokens: the decoder's `DecoderConfig.max_tokens`, so a caption may hold at most
+    max_tokens - 2 words."""
     long = [(c, len(t) - 2) for c, t in zip(caption_ids, tokens, strict=True) if len(t) > max_tokens]
     if not long:
         return None

@@ -202,7 +202,7 @@ def plan_score_matrix(cfg: ScoreConfig) -> ScorePlan:
     """Phase 1: read and check the inputs, cut the blocks, size one actor."""
     model, tok, info = ckpt_lib.load(cfg.checkpoint, task=cfg.task)
     audio, cids, tokens, gts, texts = load_inputs(
-        cfg.audio, cfg.audio_subsets, cfg.captions, cfg.caption_subsets, tok, model.cfg.max_len + 1
+        cfg.audio, cfg.audio_subsets, cfg.captions, cfg.caption_subsets, tok, model.cfg.max_tokens
     )
     n, m = len(audio.audio_ids), len(cids)
     oov = sum(1 for t in tokens if tok.unk_id in t)

@@ -45,7 +45,14 @@ import yaml
 from aacray import checkpoint as ckpt_lib
 from aacray import selection, storage
 from aacray.config import TrainConfig, dump_yaml, from_dict, to_dict
-from aacray.decoder import CaptionDecoder, pad_frames, pad_tokens, pair_loss, train_loss
+from aacray.decoder import (
+    CaptionDecoder,
+    DecoderConfig,
+    pad_frames,
+    pad_tokens,
+    pair_loss,
+    train_loss,
+)
 from aacray.embeddings import EmbeddingSet, check_embeddings, read_captions, read_embeddings
 from aacray.errors import BadInputError
 from aacray.text import WordTokenizer, normalize
@@ -82,7 +89,7 @@ def prepare(cfg: TrainConfig, train: EmbeddingSet, val: EmbeddingSet, captions: 
             bad_audio[aid] = why
     per_split = _usable_captions(cfg, train, val, captions, bad_audio, bad)
     tok = WordTokenizer.build([t for _, _, t in per_split["train"]], min_freq=cfg.min_freq)
-    out, val_texts = _encode_captions(per_split, tok, cfg.model.max_len, bad)
+    out, val_texts = _encode_captions(per_split, tok, cfg.model, bad)
     for split, es in (("train", train), ("val", val)):
         for aid in es.audio_ids:
             if aid not in out[split] and aid not in bad_audio:
@@ -124,7 +131,7 @@ def _usable_captions(cfg: TrainConfig, train: EmbeddingSet, val: EmbeddingSet, c
     return per_split
 
 
-def _encode_captions(per_split, tok: WordTokenizer, max_len: int, bad: list[dict]):
+def _encode_captions(per_split, tok: WordTokenizer, model: DecoderConfig, bad: list[dict]):
     """(split -> audio id -> token lists, audio id -> its validation texts). A caption with no
     in-vocabulary word, or longer than the decoder's max_len positions take (bos and the words;
     a cut one would teach an ending the caption does not have), goes to `bad` instead."""
@@ -135,10 +142,10 @@ def _encode_captions(per_split, tok: WordTokenizer, max_len: int, bad: list[dict
             ids = tok.encode(text)
             if all(i == tok.unk_id for i in ids[1:-1]):
                 bad.append({"item": f"caption {cid}", "reason": f"no in-vocabulary word: {text!r}"})
-            elif len(ids) > max_len + 1:
+            elif len(ids) > model.max_tokens:
                 bad.append({"item": f"caption {cid}", "reason": (
-                    f"{len(ids) - 2} words, over the decoder's limit of {max_len - 1} (model.max_len = "
-                    f"{max_len}): shorten it or train with a larger model.max_len")})
+                    f"{len(ids) - 2} words, over the decoder's limit of {model.max_tokens - 2} (model.max_len = "
+                    f"{model.max_len}): shorten it or train with a larger model.max_len")})
             else:
                 out[split].setdefault(aid, []).append(ids)
                 if split == "val":

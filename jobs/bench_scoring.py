@@ -413,7 +413,7 @@ def demo_ranks(args, device) -> None:
     caps = read_captions(ex, args.demo_subsets)
     cids = caps.column("caption_id").to_pylist()
     gt = dict(zip(cids, caps.column("audio_id").to_pylist(), strict=True))
-    tokens = tokenize(tok, caps.column("text").to_pylist(), model.cfg.max_len + 1)
+    tokens = tokenize(tok, caps.column("text").to_pylist(), model.cfg.max_tokens)
     order = sorted(range(len(cids)), key=lambda j: (len(tokens[j]), cids[j]))
     blocks = [order[i : i + args.demo_block] for i in range(0, len(order), args.demo_block)]
     n_pairs = len(es.audio_ids) * len(cids)
@@ -497,7 +497,7 @@ def ray_vs_inprocess(args) -> None:
 
     cfg = load_config(ScoreConfig, [args.ray_config, *args.ray_set])
     model, tok, _ = ckpt_lib.load(cfg.checkpoint)
-    audio, cids, tokens, _, _ = load_inputs(cfg.audio, cfg.audio_subsets, cfg.captions, cfg.caption_subsets, tok, model.cfg.max_len + 1)
+    audio, cids, tokens, _, _ = load_inputs(cfg.audio, cfg.audio_subsets, cfg.captions, cfg.caption_subsets, tok, model.cfg.max_tokens)
     n_pairs = len(audio.audio_ids) * len(cids)
     cpus = int(cfg.actors.num_actors * cfg.actors.num_cpus)
     print(f"\nscore_matrix via Ray Data vs in-process PairScorer: {args.ray_config}, {len(audio.audio_ids)} x "
