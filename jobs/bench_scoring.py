@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 
@@ -162,11 +163,18 @@ def run_rows(args, device) -> None:
     if args.ablations is not None:
         kept = set(rows)
         add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, useful_all, executed_all, device)
-        for name in [k for k in rows if k not in kept and args.ablations not in k]:
+        for name in [k for k in rows if k not in kept and not wanted(args, k)]:
             del rows[name]
 
     times, round_rates, outputs = time_rows(rows, dtypes, args.rounds, device)
     print_table(rows, times, round_rates, outputs, "(a) naive fp32" if n_naive else None, naive_pairs, args.rounds)
+
+
+def wanted(args, name: str) -> bool:
+    """Whether --ablations asks for the ablation row `name` (every row without TEXT). Rows
+    are dropped after add_ablations when not wanted; those that cost work to build (the
+    torch.compile rows compile) are not built at all."""
+    return args.ablations is not None and args.ablations in name
 
 
 def add_refined(rows, args, model, frames, tokens, rng, useful_all, device) -> None:
@@ -192,7 +200,7 @@ def add_refined(rows, args, model, frames, tokens, rng, useful_all, device) -> N
     share = f"{n_re * M / (N * M):.1%} re-scored"
     rows[f"(d) bf16-refined, {share}"] = dict(fn=refined(SCREENING), pairs=N * M, useful=useful_all, executed=None, rate="bf16")
     plain = f"(d) bf16-refined, {share}, screening as plain bf16"
-    if args.ablations is not None and args.ablations in plain:
+    if wanted(args, plain):
         rows[plain] = dict(fn=refined({}), pairs=N * M, useful=useful_all, executed=None, rate="bf16")
 
 
@@ -290,10 +298,8 @@ def compiled_scorer(model, frames, tokens, precision: str, args, device, mode: s
 
 def thread_streams(model, frames, tokens, precision: str, pairs_per_batch: int, device, n: int):
     """n Python threads of one intra-op thread each, caption j scored by stream j % n with a
-    scorer of its own: how n actors of one CPU share a node, without Ray. Small elementwise
-    ops and attention calls run on one thread anyway (below torch's parallel grain), so n
-    streams keep every core busy where one n-thread scorer leaves n - 1 idle."""
-    import threading
+    scorer of its own: how n actors of one CPU share a node, without Ray (about 1.1x one
+    n-thread scorer on a 2-core AMX Xeon, docs/benchmarks.md)."""
 
     def run():
         parts: dict[int, np.ndarray] = {}
@@ -342,7 +348,7 @@ def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, 
         for mode, name in [(None, f"fast {prec}, torch.compile (warm)")] + (
             [("reduce-overhead", f"fast {prec}, torch.compile + CUDA graphs (warm)")] if device.type == "cuda" else []
         ):
-            if args.ablations in name:
+            if wanted(args, name):
                 rows[name] = dict(fn=compiled_scorer(model, frames, tokens, prec, args, device, mode), **kind)
     rows["previous PairScorer fp32 (module, per caption)"] = dict(fn=module(False), **fp32)
     if "bf16" in precisions:
@@ -368,8 +374,8 @@ def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, 
             rows["fast bf16, classifier on the whole forward"] = dict(fn=scorer("bf16", classifier_rows=None), **bf16)
         # the whole index in one forward per caption
         rows["fast fp32, whole index per forward"] = dict(fn=scorer("fp32", N, cpu_rows=None), **fp32)
-        if torch.get_num_threads() > 1:  # as score_matrix's CPU actors run: num_cpus 1 each
-            n = torch.get_num_threads()
+        n = torch.get_num_threads()
+        if n > 1:  # as score_matrix's CPU actors run: num_cpus 1 each
             for prec, kind in precisions.items():
                 rows[f"fast {prec}, {n} one-thread streams (captions split, each builds its scorer)"] = dict(
                     fn=thread_streams(model, frames, tokens, prec, args.pairs_per_batch, device, n), **kind
