@@ -36,12 +36,13 @@ faster in bf16 (docs/benchmarks.md); on CUDA the fused kernel is used.
 Precision (`compute_dtype`); no path uses autocast:
 - float32: fp32 throughout.
 - bfloat16: the decoder layers' matmuls (attention included, keys/values cached in bf16)
-  run in bf16 on bf16 copies of the weights; the residual stream, the layer norms, the
-  classifier, the log-softmax and the loss stay fp32. The classifier stays fp32 because a
-  trained model's logits are large: rounded to bf16's 8-bit mantissa they made most of
-  the error (demo checkpoint: max |loss error| 1.0e-2 with a bf16 classifier, 2.6e-3
-  without), for 7-12% of the time at V = 5000 (docs/benchmarks.md). The attention's
-  softmax runs in fp32 (faster than a bf16 softmax on CPU).
+  run in bf16 on bf16 copies of the weights, and so does the classifier, on target-shifted
+  logits (`FastDecoder._shifted_nll`: a trained model's logits are large, and rounding
+  them to bf16 made most of a plain bf16 classifier's error); the residual stream, the
+  layer norms, the log-softmax and the loss stay fp32. The attention's softmax runs in
+  fp32 (faster than a bf16 softmax on CPU). On the demo model the largest |loss - fp32| /
+  fp32 is 3.0-3.4e-3 (2.0-2.2e-3 with an fp32 classifier, which costs 1.2-1.45x the time at
+  V = 5000 on an AMX Xeon and ~1.04x on an AVX-512 EPYC; docs/benchmarks.md).
 - bf16-refined's screening pass (`SCREENING`): bf16 as above, with the residual stream and
   the layer norms in bf16 too, where the refinement margin covers the error.
 
@@ -143,8 +144,9 @@ class FastDecoder:
     pack_rows: the row count oneDNN pre-packs the CPU linears' weights for (None: plain
     `F.linear`); fused_attention: `F.scaled_dot_product_attention` (True) or the written-out
     attention (False), None for fused on CUDA only. stream_dtype: the residual stream's and
-    the layer norms' dtype; classifier_dtype: the classifier's (its output is widened to fp32
-    for the log-softmax either way). Both fp32 except in bf16-refined's screening pass.
+    the layer norms' dtype; classifier_dtype: the classifier's (bf16: on target-shifted
+    logits, `_shifted_nll`). PairScorer gives bf16 classifiers at precision bf16 and a bf16
+    stream only to bf16-refined's screening pass (`SCREENING`).
     classifier_rows: the classifier and log-softmax run on this many token rows at a time
     (None: all the forward's rows at once); the default, `CLASSIFIER_ROWS`, on CPU only.
     """
@@ -156,6 +158,9 @@ class FastDecoder:
     # Slicing the feed-forward block the same way is slower (its matmuls lose more than the
     # cache gains). A GPU takes the whole forward at once.
     CLASSIFIER_ROWS = 128
+    # The bf16 classifier's inputs get one extra column (the row's shift, _shifted_nll),
+    # zero-padded to this many so that K stays a multiple of AMX's 32-wide bf16 tiles.
+    SHIFT_PAD = 32
 
     def __init__(
         self,
@@ -212,7 +217,12 @@ class FastDecoder:
         assert classifier_rows is None or (isinstance(classifier_rows, int) and classifier_rows > 0), f"{classifier_rows=}"
         self.classifier_rows = classifier_rows
         cls_pack = None if pack_rows is None else (classifier_rows or pack_rows)
-        self.classifier = _Linear(model.classifier.weight, model.classifier.bias, classifier_dtype, cls_pack)
+        w, b = model.classifier.weight.detach(), model.classifier.bias.detach()
+        self.shifted = classifier_dtype == torch.bfloat16
+        if self.shifted:  # see _shifted_nll: the fp32 weights give the target logit, a column of ones takes -c
+            self.cls_w, self.cls_b = w.float(), b.float()
+            w = torch.cat([w, w.new_ones(w.shape[0], 1), w.new_zeros(w.shape[0], self.SHIFT_PAD - 1)], dim=1)
+        self.classifier = _Linear(w, b, classifier_dtype, cls_pack)
 
     # --- per audio ---------------------------------------------------------------------
     def audio_kv(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -288,6 +298,8 @@ class FastDecoder:
         n, c = x.shape[0], self.classifier_rows
 
         def nll(rows: slice) -> Tensor:
+            if self.shifted:
+                return self._shifted_nll(x[rows], target[rows], ignore)
             logits = self.classifier(x[rows]).float()
             return F.cross_entropy(logits, target[rows], ignore_index=ignore, reduction="none")
 
@@ -297,6 +309,27 @@ class FastDecoder:
         for s in [*range(0, n - c + 1, c), *([n - c] if n % c else [])]:
             out[s : s + c] = nll(slice(s, s + c))
         return out
+
+    def _shifted_nll(self, x: Tensor, target: Tensor, ignore: int) -> Tensor:
+        """The bf16 classifier's -log p(target), (n,) fp32, with each row's logits shifted by
+        its target logit before they are rounded to bf16.
+
+        A bf16 linear accumulates in fp32 but rounds its output to bf16: a logit of 20 then
+        carries an error of up to 0.0625 (half its bf16 spacing), most of a plain bf16
+        classifier's loss error. Here the target logit c is computed first in fp32 (one dot
+        product per row), and the matmul gets -bf16(c) as an extra input column against a
+        weight column of ones, so it accumulates logits - bf16(c) in fp32 and rounds that:
+        small where the softmax's mass is (the target and the logits near it). Then
+        -log p = logsumexp(logits - bf16(c)) + bf16(c) - c, all fp32 after the matmul."""
+        safe = torch.where(target == ignore, 0, target)
+        c = (x.float() * self.cls_w[safe]).sum(dim=-1) + self.cls_b[safe]
+        n, D = x.shape
+        xa = x.new_zeros(n, D + self.SHIFT_PAD, dtype=torch.bfloat16)
+        xa[:, :D] = x
+        xa[:, D] = -c
+        y = self.classifier(xa).float()
+        nll = torch.logsumexp(y, dim=-1) - xa[:, D].float() - c
+        return nll.masked_fill(target == ignore, 0.0)
 
     def _norm(self, x: Tensor, n) -> Tensor:
         return F.layer_norm(x, (self.D,), n[0], n[1], n[2])
@@ -405,9 +438,10 @@ class PairScorer:
     on a GPU. Outputs are bit-identical across blocks and actors for a fixed value; another
     value changes the chunks, so the last bits. pack_weights: oneDNN pre-packed CPU linears
     (False: `F.linear`, same maths, ~10% slower). fused_attention: as `FastDecoder`'s.
-    stream_bf16, classifier_bf16 (precision bf16 only): the residual stream and norms, and
-    the classifier, in bf16 too; bf16-refined screens with `SCREENING` (its margin covers
-    the error), plain bf16 keeps both fp32. classifier_rows: as `FastDecoder`'s (the bits of
+    stream_bf16 (precision bf16 only): the residual stream and norms in bf16 too;
+    bf16-refined screens with `SCREENING` (its margin covers the error), plain bf16 keeps
+    them fp32. classifier_bf16: the classifier in bf16 (target-shifted) or fp32; None: bf16
+    at precision bf16. classifier_rows: as `FastDecoder`'s (the bits of
     the whole forward at the values tested: 5, 48, 128).
     """
 
@@ -430,13 +464,15 @@ class PairScorer:
         pack_weights: bool = True,
         fused_attention: bool | None = None,
         stream_bf16: bool = False,
-        classifier_bf16: bool = False,
+        classifier_bf16: bool | None = None,
         classifier_rows: int | None | str = "auto",
     ):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         if (stream_bf16 or classifier_bf16) and precision != "bf16":
             raise ValueError("stream_bf16 and classifier_bf16 need precision bf16")
+        if classifier_bf16 is None:
+            classifier_bf16 = precision == "bf16"
         self.model = model.to(device).eval()
         self.pad_id = pad_id
         self.device = torch.device(device)
@@ -636,14 +672,16 @@ class PairScorer:
 # --------------------------------------------------------------------------------------
 
 REFINE_MARGIN = 0.01
-"""Default bound on bf16's loss error, relative to the loss: measured at most 3.4e-3 (99.99%
-of pairs below 2.4e-3) over 288,000 pairs of the demo checkpoint, so about 3x headroom; a
-margin of 0.005 instead re-scores 8.2% of those pairs rather than 9.0% (docs/benchmarks.md).
-With `SCREENING`'s bf16 stream the largest error seen is 4.9e-3 (882,000 demo pairs): 2x."""
+"""Default bound on the screening pass's loss error, relative to the loss. With `SCREENING`
+the largest error measured on the demo model's 72,000 validation + evaluation pairs is
+4.2e-3 (an AMX Xeon's demo run) and 4.6e-3 (an AVX-512 EPYC's): about 2.2x headroom; plain
+bf16 reaches 3.0-3.4e-3 there (docs/benchmarks.md, target-shifted bf16 classifier). With
+the fp32 classifier a margin of 0.005 re-scored 8.2% of 288,000 demo pairs rather than 9.0%."""
 # bf16-refined's screening scorer: bf16 beyond plain bf16 where the margin covers the error.
-# docs/benchmarks.md, on the demo model's 882,000 pairs: a bf16 residual stream and norms
-# raise the largest |bf16 - fp32| / fp32 from 2.6e-3 to 4.9e-3 (under half the margin) for
-# ~8% more speed; a bf16 classifier to 9.4e-3 (1.0e-2 with both: at the margin): not used.
+# docs/benchmarks.md: a bf16 residual stream and norms raise the largest |bf16 - fp32| / fp32
+# on those 72,000 pairs from 3.0-3.4e-3 to 4.2-4.6e-3 (under half the margin). (With a bf16
+# classifier rounding the logits themselves, before `FastDecoder._shifted_nll`, the same
+# screening reached 1.0e-2: at the margin.)
 SCREENING = dict(stream_bf16=True)
 
 

@@ -199,9 +199,10 @@ def add_refined(rows, args, model, frames, tokens, rng, useful_all, device) -> N
     # its screening pass as BlockScorer builds it (SCREENING)
     share = f"{n_re * M / (N * M):.1%} re-scored"
     rows[f"(d) bf16-refined, {share}"] = dict(fn=refined(SCREENING), pairs=N * M, useful=useful_all, executed=None, rate="bf16")
-    plain = f"(d) bf16-refined, {share}, screening as plain bf16"
-    if wanted(args, plain):
-        rows[plain] = dict(fn=refined({}), pairs=N * M, useful=useful_all, executed=None, rate="bf16")
+    for what, screen in [("as plain bf16", {}), ("with the fp32 classifier", dict(stream_bf16=True, classifier_bf16=False))]:
+        name = f"(d) bf16-refined, {share}, screening {what}"
+        if wanted(args, name):
+            rows[name] = dict(fn=refined(screen), pairs=N * M, useful=useful_all, executed=None, rate="bf16")
 
 
 def time_rows(rows, dtypes, rounds: int, device):
@@ -380,10 +381,9 @@ def add_ablations(rows, args, model, frames, tokens, naive_pairs, useful_naive, 
                 rows[f"fast {prec}, {n} one-thread streams (captions split, each builds its scorer)"] = dict(
                     fn=thread_streams(model, frames, tokens, prec, args.pairs_per_batch, device, n), **kind
                 )
-    if "bf16" in precisions:  # the parts bf16-refined's screening pass may add (SCREENING keeps the stream)
-        rows["fast bf16, bf16 classifier"] = dict(fn=scorer("bf16", classifier_bf16=True), **bf16)
+    if "bf16" in precisions:  # the classifier bf16 keeps in bf16, and what bf16-refined's screening adds
+        rows["fast bf16, fp32 classifier"] = dict(fn=scorer("bf16", classifier_bf16=False), **bf16)
         rows["fast bf16, bf16 residual stream and norms"] = dict(fn=scorer("bf16", stream_bf16=True), **bf16)
-        rows["fast bf16, both"] = dict(fn=scorer("bf16", stream_bf16=True, classifier_bf16=True), **bf16)
 
 
 # --- top-10 rankings on the demo ------------------------------------------------------------
@@ -483,8 +483,8 @@ def error_distribution(model, pad_id, frames, tokens, Lf: np.ndarray, args, devi
     and `REFINE_MARGIN` (the bound refine_block assumes) are set from."""
     from aacray.scorer import REFINE_MARGIN
 
-    parts = {"bf16": {}, "+ bf16 classifier": dict(classifier_bf16=True), "+ bf16 stream": dict(stream_bf16=True),
-             "+ both": dict(classifier_bf16=True, stream_bf16=True)}
+    parts = {"bf16": {}, "bf16, fp32 classifier": dict(classifier_bf16=False), "+ bf16 stream": dict(stream_bf16=True),
+             "+ bf16 stream, fp32 classifier": dict(classifier_bf16=False, stream_bf16=True)}
     print(f"bf16-refined screens with {SCREENING}")
     for name, screen in parts.items():
         Lb = PairScorer(model, pad_id, frames, device, "bf16", args.pairs_per_batch, **screen).loss_matrix(tokens)
