@@ -199,7 +199,7 @@ def add_refined(rows, args, model, frames, tokens, rng, useful_all, device) -> N
     # its screening pass as BlockScorer builds it (SCREENING)
     share = f"{n_re * M / (N * M):.1%} re-scored"
     rows[f"(d) bf16-refined, {share}"] = dict(fn=refined(SCREENING), pairs=N * M, useful=useful_all, executed=None, rate="bf16")
-    for what, screen in [("as plain bf16", {}), ("with the fp32 classifier", dict(stream_bf16=True, classifier_bf16=False))]:
+    for what, screen in [("as plain bf16", {}), ("with the fp32 classifier", {**SCREENING, "classifier_bf16": False})]:
         name = f"(d) bf16-refined, {share}, screening {what}"
         if wanted(args, name):
             rows[name] = dict(fn=refined(screen), pairs=N * M, useful=useful_all, executed=None, rate="bf16")
