@@ -57,7 +57,9 @@ import dataclasses
 import hashlib
 import io
 import logging
+import math
 import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -394,6 +396,7 @@ class ScoreActor:
     """One block of captions x every audio -> block result (stats, top-k, plot rows)."""
 
     def __init__(self, cfg_dict: dict, probe_audios: list[str], corner_captions: list[str], fail_on_block: int | None = None):
+        t0 = time.time()
         cfg = from_dict(ScoreConfig, cfg_dict)
         device, model, tok, _ = actor_setup(cfg.actors, cfg.checkpoint, cfg.task)
         audio = read_embeddings(cfg.audio, cfg.audio_subsets)
@@ -408,6 +411,9 @@ class ScoreActor:
         self.corner_captions = set(corner_captions)
         self.blocks_uri = storage.join(cfg.output, BLOCKS)
         self.fail_on_block = fail_on_block  # a test's fault injection, never a config key
+        # metrics.json's `timing`: who scored a block, and what this actor's set-up took
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        self.setup_seconds = time.time() - t0
 
     def __call__(self, batch: dict) -> dict:
         """A batch of block rows (block, caption_id list, tokens list) -> one result file per
@@ -459,7 +465,10 @@ class ScoreActor:
                 "n_pairs": [n_pairs],
                 "rescored": [refined["rescored"] if refined else 0],
                 "max_rel_err": [refined["max_rel_err"] if refined else 0.0],
+                "started": [t0],
                 "seconds": [time.time() - t0],
+                "actor": [self.actor],
+                "actor_setup_seconds": [self.setup_seconds],
             }
         )
         buf = io.BytesIO()
@@ -562,6 +571,7 @@ class Reduced:
     n_pairs: int
     rescored: int
     max_rel_err: float
+    work: dict[str, dict[str, float]]  # this run's actors: `job_timing`'s input
 
 
 def _reduce(plan: ScorePlan, run: Run) -> Reduced:
@@ -571,6 +581,8 @@ def _reduce(plan: ScorePlan, run: Run) -> Reduced:
     authors = plan.cfg.minmax_ties == "authors"
     raw, mm = _A2TMerger("a2t_raw", k, n), _A2TMerger("a2t_minmax", k, n, keep_min_ties=authors)
     n_pairs, rescored, max_rel_err = 0, 0, 0.0
+    work: dict[str, dict[str, float]] = {}
+    pending = set(run.pending)
     for i in range(len(plan.blocks)):
         fs, path = storage.get_fs(block_path(run.blocks_uri, i))
         with fs.open(path, "rb") as f:
@@ -584,13 +596,18 @@ def _reduce(plan: ScorePlan, run: Run) -> Reduced:
         n_pairs += int(row["n_pairs"])
         rescored += int(row["rescored"])
         max_rel_err = max(max_rel_err, float(row["max_rel_err"]))
+        if i in pending:
+            w = work.setdefault(row["actor"], {"setup": row["actor_setup_seconds"], "blocks": 0.0, "first": math.inf, "last": 0.0})
+            w["blocks"] += row["seconds"]
+            w["first"] = min(w["first"], row["started"])
+            w["last"] = max(w["last"], row["started"] + row["seconds"])
     expected = sum(plan.n_pairs_of(i) for i in range(len(plan.blocks)))
     if n_pairs != expected:
         raise RuntimeError(f"scored {n_pairs} pairs, expected {expected} ({n} audios x {plan.n_captions} captions, candidates {plan.cfg.candidates})")
     stats = CaptionStats.from_columns(pa.concat_tables(stats_parts))
     minmax = authors_tie_order(mm.result(), k) if authors else mm.result()
     result = BlockResult(stats, topk_merge(t2a_parts, k, "t2a"), raw.result(), minmax)
-    return Reduced(result, pa.concat_tables(probe_parts), pa.concat_tables(corner_parts), n_pairs, rescored, max_rel_err)
+    return Reduced(result, pa.concat_tables(probe_parts), pa.concat_tables(corner_parts), n_pairs, rescored, max_rel_err, work)
 
 
 # --------------------------------------------------------------------------------------
@@ -598,7 +615,41 @@ def _reduce(plan: ScorePlan, run: Run) -> Reduced:
 # --------------------------------------------------------------------------------------
 
 
-def _metrics(plan: ScorePlan, run: Run, red: Reduced, score_seconds: float) -> dict[str, Any]:
+def job_timing(work: dict[str, dict[str, float]], num_actors: int, t_start: float, t_end: float, reduce_seconds: float) -> dict:
+    """Where the scoring phase's time went (metrics.json `timing`). work: this run's actors,
+    each {setup, blocks, first, last}: its set-up (checkpoint, index, key/value cache) and
+    block seconds timed inside it, when its first block started and its last ended (wall
+    clock: across nodes, as good as their clocks agree). t_start, t_end: the Ray Data run.
+
+    actor_busy_share: block time over num_actors x the run (an actor with no block counts
+    as idle). The rest: until an actor's first block (process start, imports, set-up, Ray's
+    scheduling: `first_block_after_seconds`, the mean over actors), after its last
+    (`idle_at_end_seconds`: the queue ran dry while others still scored), and between blocks.
+    """
+    run = t_end - t_start
+    blocks = sum(w["blocks"] for w in work.values())
+    mean = lambda xs: round(sum(xs) / len(xs), 2) if xs else 0.0  # noqa: E731
+    timing = {
+        "ray_data_seconds": round(run, 2),
+        "reduce_seconds": round(reduce_seconds, 2),
+        "actors_used": len(work),
+        "actor_setup_seconds_max": round(max((w["setup"] for w in work.values()), default=0.0), 2),
+        "first_block_after_seconds": mean([w["first"] - t_start for w in work.values()]),
+        "idle_at_end_seconds": mean([t_end - w["last"] for w in work.values()]),
+        "block_seconds_total": round(blocks, 2),
+        "actor_busy_share": round(blocks / max(num_actors * run, 1e-9), 4),
+    }
+    if work:
+        log.info(
+            "score_matrix: the actors scored blocks for %.0f%% of the Ray Data run's %.1f s x %d actors; "
+            "first block after %.1f s (set-up %.1f s of it), idle at the end %.1f s (means over actors); reduction %.1f s",
+            100 * timing["actor_busy_share"], run, num_actors, timing["first_block_after_seconds"],
+            timing["actor_setup_seconds_max"], timing["idle_at_end_seconds"], reduce_seconds,
+        )
+    return timing
+
+
+def _metrics(plan: ScorePlan, run: Run, red: Reduced, score_seconds: float, timing: dict) -> dict[str, Any]:
     """metrics.json: Recall@k and mAP@10 when there is ground truth and k >= 10, then counts,
     speed and the scorer's identity."""
     cfg = plan.cfg
@@ -619,6 +670,7 @@ def _metrics(plan: ScorePlan, run: Run, red: Reduced, score_seconds: float) -> d
             "pairs_scored_this_run": scored,
             "pairs_per_s": round(scored / max(score_seconds, 1e-9), 1),
             "score_seconds": round(score_seconds, 2),
+            "timing": timing,
             "blocks": len(plan.blocks),
             "blocks_skipped_on_resume": len(run.done),
             "scorer": {"version": SCORER_VERSION, "precision": cfg.scorer.precision},
@@ -674,8 +726,10 @@ def run_score_matrix(cfg: ScoreConfig, _fail_on_block: int | None = None) -> dic
     run = _set_up(plan)
     t_score = time.time()
     _run_blocks(plan, run, _fail_on_block)
+    t_reduce = time.time()
     red = _reduce(plan, run)
-    metrics = _metrics(plan, run, red, time.time() - t_score)
+    timing = job_timing(red.work, plan.cfg.actors.num_actors, t_score, t_reduce, time.time() - t_reduce)
+    metrics = _metrics(plan, run, red, time.time() - t_score, timing)
     _commit(plan, run, red, metrics)
     # Recall@10 needs ground truth and k >= 10; otherwise the output holds rankings only
     print(format_table(metrics) if "t2a" in metrics else "(no ground truth or k < 10: rankings only)", flush=True)

@@ -528,6 +528,13 @@ def ray_vs_inprocess(args) -> None:
           f"scoring, block reduction), whole job {wall:.1f} s")
     print(f"Ray / in-process ({cpus} threads): {m['pairs_per_s'] / inproc[cpus]:.0%}"
           + (f"; Ray / ({cpus} x in-process 1 thread): {m['pairs_per_s'] / (cpus * inproc[1]):.0%}" if 1 in inproc else ""))
+    t = m["timing"]
+    per_actor = n_pairs / t["block_seconds_total"] * t["actors_used"] / cfg.actors.num_actors
+    print(f"where the job's time went (metrics.json timing): Ray Data run {t['ray_data_seconds']} s, first block after "
+          f"{t['first_block_after_seconds']} s (actor set-up {t['actor_setup_seconds_max']} s of it), idle at the end "
+          f"{t['idle_at_end_seconds']} s, actors busy {t['actor_busy_share']:.1%}; reduction {t['reduce_seconds']} s; "
+          f"inside the blocks one actor scores {per_actor:.0f} pairs/s"
+          + (f" = {per_actor / inproc[1]:.0%} of the in-process 1-thread scorer" if 1 in inproc else ""))
 
 
 # --- score_matrix at scale on a synthetic index ----------------------------------------------

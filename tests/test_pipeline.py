@@ -158,6 +158,7 @@ def test_resume_skips_finished_blocks(scored, trained, extracted, tmp_path):
     # one at a time by the single actor: block 3 finished before the fault at block 2
     assert m["blocks"] == 4 and m["blocks_skipped_on_resume"] == 1
     assert m["pairs_scored_this_run"] == 40 * (200 - 8)
+    assert m["timing"]["actors_used"] == 1  # this run's blocks only: the skipped one is not timed again
     assert not os.path.exists(os.path.join(out, "_blocks"))
     for name in ("caption_stats", "topk_t2a", "topk_a2t", "topk_a2t_raw", "scores"):
         a = storage.read_table(scored, name).to_pandas()
@@ -223,9 +224,30 @@ def test_bf16_refined_gives_fp32_outputs(scored, trained, extracted, tmp_path):
     np.testing.assert_allclose(lb.to_numpy(), la.to_numpy(), rtol=refine["margin"])
 
 
+def test_job_timing_worked_example():
+    """Two of three actors scored blocks in a 100 s run starting at t = 1000: 60 + 80 s of
+    blocks over 3 x 100 s of pool time; first blocks at +10 and +20 s, last ends at 95 and 99."""
+    from aacray.scoring import job_timing
+
+    work = {"a": {"setup": 2.0, "blocks": 60.0, "first": 1010.0, "last": 1095.0},
+            "b": {"setup": 3.0, "blocks": 80.0, "first": 1020.0, "last": 1099.0}}
+    t = job_timing(work, 3, 1000.0, 1100.0, 0.5)
+    assert t == {"ray_data_seconds": 100.0, "reduce_seconds": 0.5, "actors_used": 2, "actor_setup_seconds_max": 3.0,
+                 "first_block_after_seconds": 15.0, "idle_at_end_seconds": 3.0, "block_seconds_total": 140.0,
+                 "actor_busy_share": round(140 / 300, 4)}
+    assert job_timing({}, 2, 0.0, 1.0, 0.0)["actor_busy_share"] == 0.0  # a resume with nothing left
+
+
 def test_metrics_and_plots_written(scored):
     m = json.loads(open(os.path.join(scored, "metrics.json")).read())
     assert m["n_pairs"] == 8000 and m["n_audios"] == 40 and m["n_captions"] == 200
+    # the timing, timed inside the two actors: their blocks fit in 2 x the Ray Data run,
+    # which fits in the scoring phase; each waited at least its set-up for its first block
+    t = m["timing"]
+    assert 1 <= t["actors_used"] <= 2 and 0 < t["block_seconds_total"] <= 2 * t["ray_data_seconds"]
+    assert t["actor_busy_share"] == pytest.approx(t["block_seconds_total"] / (2 * t["ray_data_seconds"]), abs=1e-3)
+    assert t["ray_data_seconds"] + t["reduce_seconds"] <= m["score_seconds"] + 0.02
+    assert t["first_block_after_seconds"] >= t["actor_setup_seconds_max"] / 2 > 0
     for k in ("t2a", "a2t_raw", "a2t_minmax"):
         assert {"R@1", "R@5", "R@10"} <= set(m[k]) and 0 <= m[k]["R@1"] <= m[k]["R@5"] <= m[k]["R@10"] <= 1
     assert 0 <= m["t2a"]["mAP@10"] <= 1
