@@ -728,8 +728,9 @@ def run_score_matrix(cfg: ScoreConfig, _fail_on_block: int | None = None) -> dic
     _run_blocks(plan, run, _fail_on_block)
     t_reduce = time.time()
     red = _reduce(plan, run)
-    timing = job_timing(red.work, plan.cfg.actors.num_actors, t_score, t_reduce, time.time() - t_reduce)
-    metrics = _metrics(plan, run, red, time.time() - t_score, timing)
+    t_done = time.time()
+    timing = job_timing(red.work, plan.cfg.actors.num_actors, t_score, t_reduce, t_done - t_reduce)
+    metrics = _metrics(plan, run, red, t_done - t_score, timing)
     _commit(plan, run, red, metrics)
     # Recall@10 needs ground truth and k >= 10; otherwise the output holds rankings only
     print(format_table(metrics) if "t2a" in metrics else "(no ground truth or k < 10: rankings only)", flush=True)

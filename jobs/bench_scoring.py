@@ -529,7 +529,7 @@ def ray_vs_inprocess(args) -> None:
     print(f"Ray / in-process ({cpus} threads): {m['pairs_per_s'] / inproc[cpus]:.0%}"
           + (f"; Ray / ({cpus} x in-process 1 thread): {m['pairs_per_s'] / (cpus * inproc[1]):.0%}" if 1 in inproc else ""))
     t = m["timing"]
-    per_actor = n_pairs / t["block_seconds_total"] * t["actors_used"] / cfg.actors.num_actors
+    per_actor = n_pairs / t["block_seconds_total"]  # pairs per second of one actor's block time
     print(f"where the job's time went (metrics.json timing): Ray Data run {t['ray_data_seconds']} s, first block after "
           f"{t['first_block_after_seconds']} s (actor set-up {t['actor_setup_seconds_max']} s of it), idle at the end "
           f"{t['idle_at_end_seconds']} s, actors busy {t['actor_busy_share']:.1%}; reduction {t['reduce_seconds']} s; "
