@@ -261,6 +261,11 @@ class UnitResult:
     rescored: int
     max_rel_err: float
     seconds: float
+    started: float
+    """When the unit's scoring began (wall clock), and who scored it: metrics.json's `timing`."""
+    actor: str
+    setup_seconds: float
+    """What the scorer's set-up took in that actor (checkpoint, index, key/value caches)."""
 
 
 @dataclass(frozen=True)
@@ -333,9 +338,11 @@ class UnitScorer:
     """Scores units against the run's audio index (pure torch + numpy, no Ray): a scorer
     of every audio for "cap" units, one of the new audios for "aud" units."""
 
-    def __init__(self, job: ScoreJob, model, pad_id: int, device: str):
+    def __init__(self, job: ScoreJob, model, pad_id: int, device: str, setup_started: float | None = None):
+        """setup_started: when the set-up began (the checkpoint load before this), for `timing`."""
         from aacray.scorer import BlockScorer
 
+        setup_started = time.time() if setup_started is None else setup_started
         es = read_embeddings(job.base_audio["uri"], job.base_audio["subsets"])
         ids, frames = list(es.audio_ids), list(es.frames)
         if job.added_files:
@@ -357,6 +364,7 @@ class UnitScorer:
         self.sample_rows = [pos[a] for a in job.minmax_sample_ids] if job.minmax_sample_ids else None
         self.k = job.k
         self.scores_uri = job.scores_uri
+        self.actor, self.setup_seconds = stage.actor_name(), time.time() - setup_started
 
     def __call__(self, unit: Unit) -> UnitResult:
         t0 = time.time()
@@ -372,7 +380,7 @@ class UnitScorer:
             write_scores_block(self.scores_uri, unit.file, a_ids, cids, L)
         return UnitResult(unit.kind, int(L.size), topk_t2a(L, a_ids, cids, self.k), topk_a2t_raw(L, a_ids, cids, self.k),
                           stats, mm, refined["rescored"] if refined else 0, refined["max_rel_err"] if refined else 0.0,
-                          time.time() - t0)
+                          time.time() - t0, t0, self.actor, self.setup_seconds)
 
     def _minmax(self, L, a_ids, cids) -> tuple[CaptionStats, TopK]:
         """A new-caption block's stats (exact, or over the reference sample) and min-max lists."""
@@ -385,8 +393,9 @@ class UnitScorer:
 
 def unit_scorer(job: ScoreJob, actors: ActorConfig) -> UnitScorer:
     """An actor's set-up (device, threads, checkpoint), in an actor or in the driver."""
+    t0 = time.time()
     device, model, tok, _ = stage.actor_setup(actors, job.checkpoint, job.task)
-    return UnitScorer(job, model, tok.pad_id, device)
+    return UnitScorer(job, model, tok.pad_id, device, setup_started=t0)
 
 
 class ReindexActor:
@@ -477,6 +486,12 @@ class Plan:
         return self.n_pairs <= self.cfg.inline_max_pairs
 
     @property
+    def pool_size(self) -> int:
+        """Who scores the units: the driver alone when inline, else an actor per unit up to
+        actors.num_actors."""
+        return 1 if self.inline else max(1, min(self.cfg.actors.num_actors, len(self.units)))
+
+    @property
     def estimate(self) -> bool:
         return self.cfg.minmax_sample is not None
 
@@ -531,9 +546,10 @@ def run_reindex(cfg: ReindexConfig) -> dict:
         # 4. score the new pairs, 5. merge, 6. commit
         t_score = time.time()
         results = _score(plan, tables)
-        score_seconds = time.time() - t_score
+        t_merge = time.time()
         merged = _merge(plan, results)
-        return {**summary, **_commit(plan, tables, merged, results, score_seconds, t_start)}
+        timing = _timing(plan, results, t_score, t_merge, time.time() - t_merge)
+        return {**summary, **_commit(plan, tables, merged, results, timing, t_start)}
 
 
 def _plan(cfg: ReindexConfig, index: Index, model: Model, new: NewData, run_key: str, base_digest: str) -> Plan:
@@ -715,7 +731,7 @@ def _score(plan: Plan, tables: dict[str, dict]) -> list[UnitResult]:
         # 1. one row per unit, 2. scored on the actor pool, 3. collected
         ds = ray.data.from_items([{"unit": pickle.dumps(u)} for u in plan.units], override_num_blocks=len(plan.units))
         ds = stage.map_actors(ds, ReindexActor, {"job": job}, cfg.actors, batch_size=1, one_task_per_actor=True,
-                              pool_size=max(1, min(cfg.actors.num_actors, len(plan.units))))
+                              pool_size=plan.pool_size)
         results = [pickle.loads(r["result"]) for r in ds.iter_rows()]
     n_pairs = sum(r.n_pairs for r in results)
     if n_pairs != plan.n_pairs or len(results) != len(plan.units):
@@ -779,7 +795,16 @@ def _merge_stats(plan: Plan, results: list[UnitResult]) -> CaptionStats:
     return stats
 
 
-def _run_info(plan: Plan, merged: Merged, results: list[UnitResult], score_seconds: float) -> dict:
+def _timing(plan: Plan, results: list[UnitResult], t_start: float, t_end: float, merge_seconds: float) -> dict:
+    """Where the scoring phase went (`stage.PoolWork.timing`): the units timed where they ran,
+    on the actor pool or inline in the driver (then the one "actor" is the driver)."""
+    work = stage.PoolWork()
+    for r in results:
+        work.add(r.actor, r.setup_seconds, r.started, r.seconds)
+    return work.timing("reindex", plan.pool_size, t_start, t_end, merge_seconds)
+
+
+def _run_info(plan: Plan, merged: Merged, results: list[UnitResult], timing: dict) -> dict:
     """The `reindex` entry of metrics.json (and of the summary)."""
     n_total, m_total = len(plan.all_ids), len(plan.index.caption_ids) + plan.new.d_m
     info = {
@@ -792,7 +817,8 @@ def _run_info(plan: Plan, merged: Merged, results: list[UnitResult], score_secon
         "scored_share": round(plan.n_pairs / (n_total * m_total), 6),
         "units": len(plan.units),
         "inline": plan.inline,
-        "score_seconds": round(score_seconds, 2),
+        "score_seconds": timing["ray_data_seconds"],
+        "timing": timing,
         "minmax_recompute_seconds": round(merged.minmax_seconds, 2),
         "minmax_estimated_captions": plan.new.d_m if plan.estimate else 0,
     }
@@ -818,7 +844,7 @@ def _metrics(plan: Plan, merged: Merged, run_info: dict) -> dict:
 
 
 def _commit(plan: Plan, tables: dict[str, dict], merged: Merged, results: list[UnitResult],
-            score_seconds: float, t_start: float) -> dict:
+            timing: dict, t_start: float) -> dict:
     """Write the version (tables, metrics, manifest last), point `_CURRENT.json` at it,
     apply retention. Returns the run's summary fields."""
     out, vout, n = plan.cfg.output, plan.output, plan.version
@@ -828,7 +854,7 @@ def _commit(plan: Plan, tables: dict[str, dict], merged: Merged, results: list[U
         tables[name] = {"files": versions.relative(out, vout.table(name, data)), "rows": data.num_rows}
     if plan.has_scores:
         tables["scores"] = {"files": merged.score_files, "rows": plan.index.rows("scores") + plan.n_pairs}
-    run_info = _run_info(plan, merged, results, score_seconds)
+    run_info = _run_info(plan, merged, results, timing)
     metrics = _metrics(plan, merged, run_info)
     vout.json("metrics.json", metrics)
     vdir = versions.version_path(n)

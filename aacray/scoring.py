@@ -57,9 +57,7 @@ import dataclasses
 import hashlib
 import io
 import logging
-import math
 import os
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -91,7 +89,7 @@ from aacray.retrieval import (
 from aacray.runtime import init_ray
 from aacray.scorer import BlockScorer, check_inputs, over_long, refine_summary, scorer_memory
 from aacray.shortlist import Candidates
-from aacray.stage import Output, actor_setup, check_actor_memory, map_actors
+from aacray.stage import Output, PoolWork, actor_name, actor_setup, check_actor_memory, map_actors
 from aacray.text import WordTokenizer, normalize
 
 log = logging.getLogger("aacray.scoring")
@@ -412,7 +410,7 @@ class ScoreActor:
         self.blocks_uri = storage.join(cfg.output, BLOCKS)
         self.fail_on_block = fail_on_block  # a test's fault injection, never a config key
         # metrics.json's `timing`: who scored a block, and what this actor's set-up took
-        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        self.actor = actor_name()
         self.setup_seconds = time.time() - t0
 
     def __call__(self, batch: dict) -> dict:
@@ -571,7 +569,7 @@ class Reduced:
     n_pairs: int
     rescored: int
     max_rel_err: float
-    work: dict[str, dict[str, float]]  # this run's actors: `job_timing`'s input
+    work: PoolWork  # this run's blocks, timed inside the actors: metrics.json's `timing`
 
 
 def _reduce(plan: ScorePlan, run: Run) -> Reduced:
@@ -581,7 +579,7 @@ def _reduce(plan: ScorePlan, run: Run) -> Reduced:
     authors = plan.cfg.minmax_ties == "authors"
     raw, mm = _A2TMerger("a2t_raw", k, n), _A2TMerger("a2t_minmax", k, n, keep_min_ties=authors)
     n_pairs, rescored, max_rel_err = 0, 0, 0.0
-    work: dict[str, dict[str, float]] = {}
+    work = PoolWork()
     pending = set(run.pending)
     for i in range(len(plan.blocks)):
         fs, path = storage.get_fs(block_path(run.blocks_uri, i))
@@ -597,10 +595,7 @@ def _reduce(plan: ScorePlan, run: Run) -> Reduced:
         rescored += int(row["rescored"])
         max_rel_err = max(max_rel_err, float(row["max_rel_err"]))
         if i in pending:
-            w = work.setdefault(row["actor"], {"setup": row["actor_setup_seconds"], "blocks": 0.0, "first": math.inf, "last": 0.0})
-            w["blocks"] += row["seconds"]
-            w["first"] = min(w["first"], row["started"])
-            w["last"] = max(w["last"], row["started"] + row["seconds"])
+            work.add(row["actor"], row["actor_setup_seconds"], row["started"], row["seconds"])
     expected = sum(plan.n_pairs_of(i) for i in range(len(plan.blocks)))
     if n_pairs != expected:
         raise RuntimeError(f"scored {n_pairs} pairs, expected {expected} ({n} audios x {plan.n_captions} captions, candidates {plan.cfg.candidates})")
@@ -613,40 +608,6 @@ def _reduce(plan: ScorePlan, run: Run) -> Reduced:
 # --------------------------------------------------------------------------------------
 # 5. Commit
 # --------------------------------------------------------------------------------------
-
-
-def job_timing(work: dict[str, dict[str, float]], num_actors: int, t_start: float, t_end: float, reduce_seconds: float) -> dict:
-    """Where the scoring phase's time went (metrics.json `timing`). work: this run's actors,
-    each {setup, blocks, first, last}: its set-up (checkpoint, index, key/value cache) and
-    block seconds timed inside it, when its first block started and its last ended (wall
-    clock: across nodes, as good as their clocks agree). t_start, t_end: the Ray Data run.
-
-    actor_busy_share: block time over num_actors x the run (an actor with no block counts
-    as idle). The rest: until an actor's first block (process start, imports, set-up, Ray's
-    scheduling: `first_block_after_seconds`, the mean over actors), after its last
-    (`idle_at_end_seconds`: the queue ran dry while others still scored), and between blocks.
-    """
-    run = t_end - t_start
-    blocks = sum(w["blocks"] for w in work.values())
-    mean = lambda xs: round(sum(xs) / len(xs), 2) if xs else 0.0  # noqa: E731
-    timing = {
-        "ray_data_seconds": round(run, 2),
-        "reduce_seconds": round(reduce_seconds, 2),
-        "actors_used": len(work),
-        "actor_setup_seconds_max": round(max((w["setup"] for w in work.values()), default=0.0), 2),
-        "first_block_after_seconds": mean([w["first"] - t_start for w in work.values()]),
-        "idle_at_end_seconds": mean([t_end - w["last"] for w in work.values()]),
-        "block_seconds_total": round(blocks, 2),
-        "actor_busy_share": round(blocks / max(num_actors * run, 1e-9), 4),
-    }
-    if work:
-        log.info(
-            "score_matrix: the actors scored blocks for %.0f%% of the Ray Data run's %.1f s x %d actors; "
-            "first block after %.1f s (set-up %.1f s of it), idle at the end %.1f s (means over actors); reduction %.1f s",
-            100 * timing["actor_busy_share"], run, num_actors, timing["first_block_after_seconds"],
-            timing["actor_setup_seconds_max"], timing["idle_at_end_seconds"], reduce_seconds,
-        )
-    return timing
 
 
 def _metrics(plan: ScorePlan, run: Run, red: Reduced, score_seconds: float, timing: dict) -> dict[str, Any]:
@@ -729,7 +690,7 @@ def run_score_matrix(cfg: ScoreConfig, _fail_on_block: int | None = None) -> dic
     t_reduce = time.time()
     red = _reduce(plan, run)
     t_done = time.time()
-    timing = job_timing(red.work, plan.cfg.actors.num_actors, t_score, t_reduce, t_done - t_reduce)
+    timing = red.work.timing(JOB, plan.cfg.actors.num_actors, t_score, t_reduce, t_done - t_reduce)
     metrics = _metrics(plan, run, red, t_done - t_score, timing)
     _commit(plan, run, red, metrics)
     # Recall@10 needs ground truth and k >= 10; otherwise the output holds rankings only

@@ -14,8 +14,10 @@ manifest is written last, so a reader never takes a half-written output for a co
 from __future__ import annotations
 
 import logging
+import math
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from typing import Any
 
 from aacray import storage
@@ -74,6 +76,64 @@ def map_actors(ds, actor_cls: type, kwargs: dict, actors: ActorConfig, *, batch_
         num_cpus=actors.num_cpus,
         **memory,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Where a pool's time went (metrics.json `timing`)
+# --------------------------------------------------------------------------------------
+
+
+def actor_name() -> str:
+    """This process as a worker of a pool: host:pid (an actor, or the driver scoring inline)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class PoolWork:
+    """Who scored a run's units (score_matrix blocks, reindex units) and when, timed inside
+    the actors: per actor its set-up (checkpoint, index, key/value cache), its unit seconds,
+    when its first unit started and its last ended (wall clock: across nodes, as good as their
+    clocks agree). Only this run's units are added (a resume does not time skipped ones)."""
+
+    actors: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, actor: str, setup: float, started: float, seconds: float) -> None:
+        w = self.actors.setdefault(actor, {"setup": setup, "units": 0.0, "first": math.inf, "last": 0.0})
+        w["units"] += seconds
+        w["first"] = min(w["first"], started)
+        w["last"] = max(w["last"], started + seconds)
+
+    def timing(self, job: str, num_actors: int, t_start: float, t_end: float, reduce_seconds: float) -> dict:
+        """Where the scoring phase's time went. t_start, t_end: the pool's run (the Ray Data
+        run, or the driver's loop when it scores inline); reduce_seconds: the merge after it.
+
+        actor_busy_share: unit time over num_actors x the run (an actor with no unit counts
+        as idle). The rest: until an actor's first unit (process start, imports, set-up, Ray's
+        scheduling: `first_block_after_seconds`, the mean over actors), after its last
+        (`idle_at_end_seconds`: the queue ran dry while others still scored), and between units.
+        """
+        work = self.actors.values()
+        run = t_end - t_start
+        busy = sum(w["units"] for w in work)
+        mean = lambda xs: round(sum(xs) / len(xs), 2) if xs else 0.0  # noqa: E731
+        timing = {
+            "ray_data_seconds": round(run, 2),
+            "reduce_seconds": round(reduce_seconds, 2),
+            "actors_used": len(work),
+            "actor_setup_seconds_max": round(max((w["setup"] for w in work), default=0.0), 2),
+            "first_block_after_seconds": mean([w["first"] - t_start for w in work]),
+            "idle_at_end_seconds": mean([t_end - w["last"] for w in work]),
+            "block_seconds_total": round(busy, 2),
+            "actor_busy_share": round(busy / max(num_actors * run, 1e-9), 4),
+        }
+        if work:
+            log.info(
+                "%s: the actors scored for %.0f%% of the pool's %.1f s x %d actors; first unit after %.1f s "
+                "(set-up %.1f s of it), idle at the end %.1f s (means over actors); reduction %.1f s",
+                job, 100 * timing["actor_busy_share"], run, num_actors, timing["first_block_after_seconds"],
+                timing["actor_setup_seconds_max"], timing["idle_at_end_seconds"], reduce_seconds,
+            )
+        return timing
 
 
 # --------------------------------------------------------------------------------------

@@ -185,7 +185,8 @@ def bench(work: str, base: str = "runs/demo/score_matrix", fraction: float = 0.0
         if ref not in report:
             t_full = fulls[ref](ref_out)
             m = storage.read_json(storage.join(ref_out, "metrics.json"))
-            report[ref] = {"seconds": round(t_full, 2), "score_seconds": m["score_seconds"], "pairs": m["n_pairs"]}
+            report[ref] = {"seconds": round(t_full, 2), "score_seconds": m["score_seconds"], "pairs": m["n_pairs"],
+                           "timing": m["timing"]}
         out = storage.join(work, f"index_{case}")
         _copy_tree(base, out)
         t = time.time()
@@ -201,7 +202,7 @@ def _case_report(res: dict, seconds: float, full: dict, equal: dict) -> dict:
     return {"reindex_seconds": round(seconds, 2), "ratio": round(seconds / full["seconds"], 4),
             "score_seconds": res["score_seconds"],
             "score_ratio": round(res["score_seconds"] / max(full["score_seconds"], 1e-9), 4),
-            **{key: res[key] for key in ("pairs_scored", "pairs_full", "scored_share", "inline", "minmax_recompute_seconds")},
+            **{key: res[key] for key in ("pairs_scored", "pairs_full", "scored_share", "inline", "minmax_recompute_seconds", "timing")},
             "equal_to_full": equal}
 
 

@@ -225,17 +225,20 @@ def test_bf16_refined_gives_fp32_outputs(scored, trained, extracted, tmp_path):
 
 
 def test_job_timing_worked_example():
-    """Two of three actors scored blocks in a 100 s run starting at t = 1000: 60 + 80 s of
-    blocks over 3 x 100 s of pool time; first blocks at +10 and +20 s, last ends at 95 and 99."""
-    from aacray.scoring import job_timing
+    """Two of three actors scored units in a 100 s run starting at t = 1000: a two units of
+    30 s (from +10 and +65 s), b two of 40 s (from +20 and +59 s): 60 + 80 s over 3 x 100 s
+    of pool time; first units at +10 and +20 s, last ones end at 95 and 99."""
+    from aacray.stage import PoolWork
 
-    work = {"a": {"setup": 2.0, "blocks": 60.0, "first": 1010.0, "last": 1095.0},
-            "b": {"setup": 3.0, "blocks": 80.0, "first": 1020.0, "last": 1099.0}}
-    t = job_timing(work, 3, 1000.0, 1100.0, 0.5)
+    work = PoolWork()
+    for actor, setup, started, seconds in [("a", 2.0, 1065.0, 30.0), ("b", 3.0, 1020.0, 40.0),
+                                           ("a", 2.0, 1010.0, 30.0), ("b", 3.0, 1059.0, 40.0)]:
+        work.add(actor, setup, started, seconds)
+    t = work.timing("score_matrix", 3, 1000.0, 1100.0, 0.5)
     assert t == {"ray_data_seconds": 100.0, "reduce_seconds": 0.5, "actors_used": 2, "actor_setup_seconds_max": 3.0,
                  "first_block_after_seconds": 15.0, "idle_at_end_seconds": 3.0, "block_seconds_total": 140.0,
                  "actor_busy_share": round(140 / 300, 4)}
-    assert job_timing({}, 2, 0.0, 1.0, 0.0)["actor_busy_share"] == 0.0  # a resume with nothing left
+    assert PoolWork().timing("score_matrix", 2, 0.0, 1.0, 0.0)["actor_busy_share"] == 0.0  # a resume with nothing left
 
 
 def test_metrics_and_plots_written(scored):

@@ -177,6 +177,14 @@ def test_add_captions_equals_full_recompute(index_a, full_a, pipeline):
     for key in ("t2a", "a2t_raw", "a2t_minmax", "n_audios", "n_captions", "n_pairs"):
         assert got[key] == want[key], key
     assert got["reindex"]["pairs_scored"] == 90
+    # its timing, from the units timed inside the one actor: they fit in the pool's run,
+    # which is score_seconds; the actor waited at least half its set-up for its first unit
+    t = got["reindex"]["timing"]
+    assert t["actors_used"] == 1 and t["ray_data_seconds"] == got["reindex"]["score_seconds"]
+    assert 0 < t["block_seconds_total"] <= t["ray_data_seconds"]
+    assert t["actor_busy_share"] == pytest.approx(t["block_seconds_total"] / t["ray_data_seconds"], abs=1e-3)
+    assert t["first_block_after_seconds"] >= t["actor_setup_seconds_max"] / 2 > 0
+    assert got["reindex"]["timing"] == res["timing"]
     m = storage.read_manifest(index_a["out"])
     assert m["version"] == 1 and m["extra"]["pairs_scored"] == 90
     assert m["tables"]["scores"]["rows"] == 30 * 150
@@ -216,6 +224,11 @@ def test_add_audios_and_captions_equals_full_recompute(index_b):
     # new audios x old captions run in smaller audio batches than in the full job, and the
     # full job scores the old pairs in larger ones than version 0 did
     assert set(cmp.values()) <= {"identical", "allclose"}, cmp
+    # inline, the driver is the one "actor": its set-up and units fall inside the run
+    t = res["timing"]
+    assert t["actors_used"] == 1 and t["ray_data_seconds"] == res["score_seconds"]
+    assert t["actor_setup_seconds_max"] <= t["first_block_after_seconds"] + 0.01
+    assert 0 < t["block_seconds_total"] <= t["ray_data_seconds"] - t["first_block_after_seconds"] + 0.01
     got = json.loads(open(os.path.join(index_b["out"], "versions/0002/metrics.json")).read())
     want = json.loads(open(os.path.join(index_b["full"], "metrics.json")).read())
     for key in ("t2a", "a2t_raw", "a2t_minmax", "n_audios", "n_captions", "n_pairs"):
