@@ -5,12 +5,18 @@ says which machine class those figures belong to. The matrix units decide what b
 gain on a CPU: AMX (`amx_bf16`) multiplies bf16 tiles at several times the fp32 rate,
 AVX-512 bf16 (`avx512_bf16`) at about twice, and without either torch emulates bf16 matmul
 (about 1% of fp32's rate on an AVX2-only EPYC), so bf16 figures there mean nothing.
+
+`cpu_by_role` says where a job's CPU went while it ran, by process role (the job's actors in
+their blocks or starting, Ray's own actors and daemons, the driver), from samples of /proc:
+on a small machine Ray's fixed start-up and housekeeping share the cores with the scorer.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
+from itertools import pairwise
 
 import torch
 
@@ -55,3 +61,75 @@ def describe(device: str | torch.device = "cpu") -> str:
         return host
     p = torch.cuda.get_device_properties(device)
     return f"GPU {p.name} ({p.total_memory / 2**30:.0f} GiB, sm {p.major}{p.minor}, CUDA {torch.version.cuda}); host {host}"
+
+
+# --------------------------------------------------------------------------------------
+# Where a job's CPU went, by process role (Linux /proc): a benchmark's breakdown
+# --------------------------------------------------------------------------------------
+
+# (role, pattern on a process's title or command line): the first match names its role.
+# Ray names a worker process ray::<actor class>.<method> while it runs a method, ray::<class>
+# between calls and ray::IDLE before its first task; its daemons keep their command lines.
+PROCESS_ROLES = (
+    ("pool actors: blocks", re.compile(r"^ray::MapWorker\(.*\)\.submit")),
+    ("pool actors: constructor", re.compile(r"^ray::MapWorker\(.*\)\.__init__")),
+    ("pool actors: between blocks", re.compile(r"^ray::MapWorker\(")),
+    ("workers starting", re.compile(r"^ray::IDLE|default_worker\.py")),
+    ("Ray Data's own actors", re.compile(r"^ray::_?(StatsActor|AutoscalingCoordinatorActor|ActorLocationTracker|AutoscalingRequester)")),
+    ("Ray daemons", re.compile(r"gcs_server|/raylet |log_monitor|ray::DashboardAgent|ray::RuntimeEnvAgent|dashboard/|monitor\.py")),
+)
+SCORING = "pool actors: blocks"  # the role whose first CPU tick ends the start-up phase
+
+
+def process_role(title: str, pid: int = -1, driver: int | None = None) -> str:
+    if pid == driver:
+        return "driver"
+    for role, pattern in PROCESS_ROLES:
+        if pattern.search(title):
+            return role
+    return "other processes"
+
+
+def read_processes(proc: str = "/proc") -> tuple[dict[int, tuple[int, str]], int]:
+    """({pid: (CPU ticks used so far, title)}, the machine's idle ticks so far) from `proc`."""
+    procs = {}
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{name}/stat") as f:
+                stat = f.read()
+            with open(f"{proc}/{name}/cmdline", "rb") as f:
+                title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone since listed
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        procs[int(name)] = (int(fields[11]) + int(fields[12]), title)  # utime + stime
+    with open(f"{proc}/stat") as f:
+        cpu = [int(v) for v in f.readline().split()[1:]]
+    return procs, cpu[3] + cpu[4]  # idle + iowait
+
+
+def cpu_by_role(samples: list[tuple[float, dict[int, tuple[int, str]], int]], driver: int, hz: int) -> dict:
+    """Samples (time, processes, idle ticks) of `read_processes` taken while a job ran ->
+    {phase: {"seconds": wall, "idle": machine idle CPU-s, role: CPU-s}} for the phases
+    "start-up" (until the first interval in which SCORING used CPU), "scoring" (to the last
+    such interval) and "wind-down" (after it: reduction, commit, shutdown). A tick between two
+    samples counts under the role of the process's title in the later one."""
+    intervals = []
+    for (t0, before, idle0), (t1, after, idle1) in pairwise(samples):
+        used = {"seconds": t1 - t0, "idle": (idle1 - idle0) / hz}
+        for pid, (ticks, title) in after.items():
+            d = ticks - before.get(pid, (0, ""))[0]
+            if d > 0:
+                role = process_role(title, pid, driver)
+                used[role] = used.get(role, 0.0) + d / hz
+        intervals.append(used)
+    scoring = [i for i, used in enumerate(intervals) if SCORING in used]
+    first, last = (scoring[0], scoring[-1]) if scoring else (len(intervals), len(intervals))
+    phases: dict[str, dict[str, float]] = {}
+    for i, used in enumerate(intervals):
+        acc = phases.setdefault("start-up" if i < first else "scoring" if i <= last else "wind-down", {})
+        for key, v in used.items():
+            acc[key] = acc.get(key, 0.0) + v
+    return phases

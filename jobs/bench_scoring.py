@@ -4,6 +4,7 @@ CPU (paper-size model, random weights):   python jobs/bench_scoring.py
 + top-10 rankings fp32 vs bf16, demo:     python jobs/bench_scoring.py --demo-ranks
 + in-process scorer vs Ray score_matrix:  python jobs/bench_scoring.py --only ray \
       --ray-set 'audio_subsets=[development,validation,evaluation]'   (420 x 400 demo pairs)
+  (--ray-cpu: where the job's CPU went, by process role, before and after its first block)
 + kept/discarded variants of the scorer:  python jobs/bench_scoring.py --ablations [TEXT]
   (TEXT: only the variants whose row name contains it; built from public arguments only:
   PairScorer's cpu_rows, pack_weights, fused_attention, one-thread streams as CPU actors run,
@@ -520,7 +521,10 @@ def ray_vs_inprocess(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "jobs/score_matrix.py", args.ray_config, *args.ray_set, f"output={tmp}/score"]
         t = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        samples = sample_processes(job, 0.25) if args.ray_cpu else []
+        if job.wait() != 0:
+            raise subprocess.CalledProcessError(job.returncode, cmd)
         wall = time.perf_counter() - t
         with open(f"{tmp}/score/metrics.json") as f:
             m = json.load(f)
@@ -535,6 +539,30 @@ def ray_vs_inprocess(args) -> None:
           f"{t['idle_at_end_seconds']} s, actors busy {t['actor_busy_share']:.1%}; reduction {t['reduce_seconds']} s; "
           f"inside the blocks one actor scores {per_actor:.0f} pairs/s"
           + (f" = {per_actor / inproc[1]:.0%} of the in-process 1-thread scorer" if 1 in inproc else ""))
+    if samples:
+        print_cpu_by_role(machine.cpu_by_role(samples, job.pid, os.sysconf("SC_CLK_TCK")))
+
+
+def sample_processes(job: subprocess.Popen, interval: float) -> list:
+    """`machine.read_processes` every `interval` seconds until `job` ends."""
+    samples = []
+    while job.poll() is None:
+        samples.append((time.perf_counter(), *machine.read_processes()))
+        time.sleep(interval)
+    samples.append((time.perf_counter(), *machine.read_processes()))
+    return samples
+
+
+def print_cpu_by_role(phases: dict) -> None:
+    """One column per phase: CPU-s by role and the share of the machine's CPU time."""
+    cores = os.cpu_count() or 1
+    print(f"CPU seconds by process role (share of {cores} CPUs x the phase), sampled from /proc:")
+    roles = sorted({r for ph in phases.values() for r in ph} - {"seconds"}, key=lambda r: (r == "idle", r))
+    print("| role | " + " | ".join(f"{name} ({ph['seconds']:.1f} s)" for name, ph in phases.items()) + " |")
+    print("| --- |" + " --- |" * len(phases))
+    for role in roles:
+        cells = [f"{ph.get(role, 0.0):.1f} ({ph.get(role, 0.0) / max(cores * ph['seconds'], 1e-9):.1%})" for ph in phases.values()]
+        print(f"| {role} | " + " | ".join(cells) + " |")
 
 
 # --- score_matrix at scale on a synthetic index ----------------------------------------------
@@ -645,6 +673,8 @@ def main(argv: list[str]) -> None:
         help="config overrides for --ray, e.g. 'audio_subsets=[development,validation,evaluation]' (a larger matrix)",
     )
     p.add_argument("--ray-no-one-thread", action="store_true", help="--ray: skip the 1-thread in-process run")
+    p.add_argument("--ray-cpu", action="store_true",
+                   help="--ray: sample /proc while the job runs; print CPU seconds by process role, start-up and scoring (Linux)")
     p.add_argument("--job", action="store_true", help="score_matrix end to end on a synthetic --audios x --captions index")
     p.add_argument("--job-precisions", nargs="+", default=["bf16", "bf16-refined"], choices=["fp32", "bf16", "bf16-refined"])
     p.add_argument("--job-block", type=int, default=256, help="--job: caption_block_size (ScoreConfig default)")

@@ -11,6 +11,7 @@ import sys
 import tempfile
 
 import numpy as np
+import pytest
 import torch
 from faults import isolated_env
 
@@ -110,3 +111,66 @@ def test_ablations_text_keeps_only_the_rows_named():
     assert names[:3] == ["(a) naive fp32", "(b) PairScorer fp32", "(c) PairScorer fp32"], names
     assert sorted(names[3:]) == ["fast fp32, 256 rows per forward", "fast fp32, 768 rows per forward"], names
     assert "torch.compile" not in p.stdout
+
+
+def test_process_roles_of_ray_titles():
+    """The titles a score_matrix run shows on Linux (seen in `ps` during a demo job)."""
+    want = {
+        "ray::MapWorker(MapBatches(ScoreActor)).submit": "pool actors: blocks",
+        "ray::MapWorker(MapBatches(ScoreActor)).__init__": "pool actors: constructor",
+        "ray::MapWorker(MapBatches(ScoreActor))": "pool actors: between blocks",
+        "ray::IDLE": "workers starting",
+        "/venv/bin/python /venv/lib/python3.11/site-packages/ray/_private/workers/default_worker.py --node-ip-address=1":
+            "workers starting",
+        "ray::_StatsActor.register_dataset": "Ray Data's own actors",
+        "ray::_AutoscalingCoordinatorActor": "Ray Data's own actors",
+        "ray::ActorLocationTracker.get_actor_locations": "Ray Data's own actors",
+        "/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=x": "Ray daemons",
+        "/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server --log_dir=x": "Ray daemons",
+        "ray::DashboardAgent": "Ray daemons",
+        "/venv/bin/python -u /venv/lib/python3.11/site-packages/ray/_private/log_monitor.py --x": "Ray daemons",
+        "sshd: root": "other processes",
+    }
+    assert {t: machine.process_role(t) for t in want} == want
+    assert machine.process_role("python jobs/score_matrix.py c.yaml", pid=7, driver=7) == "driver"
+
+
+def test_cpu_by_role_worked_example():
+    """100 ticks a second; the driver (pid 10), a raylet, a worker that boots then scores two
+    intervals, Ray Data's stats actor: start-up is the interval before the first block tick,
+    scoring runs to the last one, wind-down is the rest; each tick counts under the title of
+    the later sample."""
+    driver, raylet, block = "python jobs/score_matrix.py c.yaml", "/ray/core/src/ray/raylet/raylet --x", "ray::MapWorker(MapBatches(S)).submit"
+    samples = [
+        (0.0, {10: (0, driver), 11: (0, raylet)}, 0),
+        (1.0, {10: (100, driver), 11: (10, raylet), 12: (50, "ray::IDLE")}, 40),
+        (2.0, {10: (110, driver), 11: (20, raylet), 12: (140, block)}, 50),
+        (3.0, {10: (120, driver), 11: (20, raylet), 12: (230, block), 13: (30, "ray::_StatsActor")}, 60),
+        (4.5, {10: (270, driver), 11: (25, raylet), 12: (230, "ray::MapWorker(MapBatches(S))")}, 200),
+    ]
+    got = machine.cpu_by_role(samples, driver=10, hz=100)
+    want = {
+        "start-up": {"seconds": 1.0, "idle": 0.4, "driver": 1.0, "Ray daemons": 0.1, "workers starting": 0.5},
+        "scoring": {"seconds": 2.0, "idle": 0.2, "driver": 0.2, "Ray daemons": 0.1, "pool actors: blocks": 1.8,
+                    "Ray Data's own actors": 0.3},
+        "wind-down": {"seconds": 1.5, "idle": 1.4, "driver": 1.5, "Ray daemons": 0.05},
+    }
+    assert got.keys() == want.keys()
+    for phase in want:
+        assert got[phase] == {k: pytest.approx(v) for k, v in want[phase].items()}, phase
+    assert machine.cpu_by_role(samples[:2], driver=10, hz=100).keys() == {"start-up"}  # no block yet
+
+
+def test_read_processes_parses_proc(tmp_path):
+    """utime + stime of /proc/<pid>/stat (a comm with spaces and parentheses), the NUL-split
+    command line, and idle + iowait of /proc/stat; a pid folder without files is skipped."""
+    (tmp_path / "stat").write_text("cpu  10 0 5 100 7 0 0 0 0 0\ncpu0 5 0 2 50 3 0 0 0 0 0\n")
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "stat").write_text("42 (ray::IDLE (x)) S 1 42 42 0 -1 4194560 10 0 0 0 7 3 0 0 20 0 1 0\n")
+    (tmp_path / "42" / "cmdline").write_bytes(b"ray::IDLE\x00\x00")
+    (tmp_path / "43").mkdir()  # a process gone between the listing and the read
+    (tmp_path / "self").mkdir()
+    procs, idle = machine.read_processes(str(tmp_path))
+    assert procs == {42: (10, "ray::IDLE")} and idle == 107
+    live, _ = machine.read_processes()
+    assert os.getpid() in live and live[os.getpid()][0] >= 0
