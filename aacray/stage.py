@@ -4,7 +4,9 @@ A stage (extract, score_matrix, caption, perturb, reindex) reads as named phases
 plan (read and check inputs in the driver), set up (`Output.begin`, start Ray), run (a Ray
 Data pipeline whose GPU/CPU step is `map_actors`), reduce, commit (`Output.commit`). What
 each actor does once in its constructor is `actor_setup`: pick the device, size torch's
-thread pool to the CPUs Ray reserved for it, load the checkpoint.
+thread pool to the CPUs Ray reserved for it, load the checkpoint. Where the run's time went
+is `PoolWork`: each unit of work timed inside the actor that scored it (metrics.json
+`timing` of score_matrix, `reindex.timing` of reindex).
 
 The output lifecycle is the storage contract (aacray/storage.py): the old manifest is
 removed before anything else is touched, tables and side files are written, and the

@@ -224,7 +224,7 @@ def test_bf16_refined_gives_fp32_outputs(scored, trained, extracted, tmp_path):
     np.testing.assert_allclose(lb.to_numpy(), la.to_numpy(), rtol=refine["margin"])
 
 
-def test_job_timing_worked_example():
+def test_pool_timing_worked_example():
     """Two of three actors scored units in a 100 s run starting at t = 1000: a two units of
     30 s (from +10 and +65 s), b two of 40 s (from +20 and +59 s): 60 + 80 s over 3 x 100 s
     of pool time; first units at +10 and +20 s, last ones end at 95 and 99."""
