@@ -498,6 +498,9 @@ def error_distribution(model, pad_id, frames, tokens, Lf: np.ndarray, args, devi
 
 # --- Ray Data against the in-process scorer ---------------------------------------------------
 def ray_vs_inprocess(args) -> None:
+    """The job against the in-process scorer on the same pairs. The 2-thread in-process run
+    brackets the job (before and after): on a shared machine the rate drifts over the minutes
+    a run takes, and the ratio is taken against the mean of the two."""
     from aacray import checkpoint as ckpt_lib
     from aacray.config import ScoreConfig, load_config
     from aacray.scoring import load_inputs
@@ -510,14 +513,38 @@ def ray_vs_inprocess(args) -> None:
     print(f"\nscore_matrix via Ray Data vs in-process PairScorer: {args.ray_config}, {len(audio.audio_ids)} x "
           f"{len(cids)} = {n_pairs} pairs, {cfg.scorer.precision}, {cfg.actors.num_actors} actors x {cfg.actors.num_cpus} CPU")
     threads = torch.get_num_threads()
-    inproc = {}
-    for n_threads in sorted({cpus} if args.ray_no_one_thread else {1, cpus}):
+
+    def inprocess(n_threads: int, when: str) -> float:
         torch.set_num_threads(n_threads)
         t = time.perf_counter()
         PairScorer(model, tok.pad_id, audio.frames, "cpu", cfg.scorer.precision, cfg.scorer.pairs_per_batch).loss_matrix(tokens)
-        inproc[n_threads] = n_pairs / (time.perf_counter() - t)
-        print(f"in-process, {n_threads} thread(s), construction included: {inproc[n_threads]:.0f} pairs/s", flush=True)
-    torch.set_num_threads(threads)
+        rate = n_pairs / (time.perf_counter() - t)
+        torch.set_num_threads(threads)
+        print(f"in-process {when}, {n_threads} thread(s), construction included: {rate:.0f} pairs/s", flush=True)
+        return rate
+
+    one = None if args.ray_no_one_thread else inprocess(1, "before the job")
+    before = inprocess(cpus, "before the job")
+    m, samples, pid = run_score_job(args)
+    after = inprocess(cpus, "after the job")
+    base = (before + after) / 2
+    print(f"Ray / in-process ({cpus} threads, mean of before and after {base:.0f}): {m['pairs_per_s'] / base:.0%} "
+          f"(against before only {m['pairs_per_s'] / before:.0%}, after only {m['pairs_per_s'] / after:.0%})"
+          + (f"; Ray / ({cpus} x in-process 1 thread): {m['pairs_per_s'] / (cpus * one):.0%}" if one else ""))
+    t = m["timing"]
+    per_actor = n_pairs / t["block_seconds_total"]  # pairs per second of one actor's block time
+    print(f"where the job's time went (metrics.json timing): Ray Data run {t['ray_data_seconds']} s, first block after "
+          f"{t['first_block_after_seconds']} s (actor set-up {t['actor_setup_seconds_max']} s of it), idle at the end "
+          f"{t['idle_at_end_seconds']} s, actors busy {t['actor_busy_share']:.1%}; reduction {t['reduce_seconds']} s; "
+          f"inside the blocks one actor scores {per_actor:.0f} pairs/s"
+          + (f" = {per_actor / one:.0%} of the in-process 1-thread scorer" if one else ""))
+    if samples:
+        print_cpu_by_role(machine.cpu_by_role(samples, pid, os.sysconf("SC_CLK_TCK")))
+
+
+def run_score_job(args) -> tuple[dict, list, int]:
+    """jobs/score_matrix.py on --ray-config in a subprocess -> (its metrics.json, /proc samples
+    taken while it ran when --ray-cpu, its pid); prints its pairs/s and wall time."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "jobs/score_matrix.py", args.ray_config, *args.ray_set, f"output={tmp}/score"]
         t = time.perf_counter()
@@ -529,18 +556,8 @@ def ray_vs_inprocess(args) -> None:
         with open(f"{tmp}/score/metrics.json") as f:
             m = json.load(f)
     print(f"score_matrix: pairs_per_s {m['pairs_per_s']} (score_seconds {m['score_seconds']}: actor start-up, "
-          f"scoring, block reduction), whole job {wall:.1f} s")
-    print(f"Ray / in-process ({cpus} threads): {m['pairs_per_s'] / inproc[cpus]:.0%}"
-          + (f"; Ray / ({cpus} x in-process 1 thread): {m['pairs_per_s'] / (cpus * inproc[1]):.0%}" if 1 in inproc else ""))
-    t = m["timing"]
-    per_actor = n_pairs / t["block_seconds_total"]  # pairs per second of one actor's block time
-    print(f"where the job's time went (metrics.json timing): Ray Data run {t['ray_data_seconds']} s, first block after "
-          f"{t['first_block_after_seconds']} s (actor set-up {t['actor_setup_seconds_max']} s of it), idle at the end "
-          f"{t['idle_at_end_seconds']} s, actors busy {t['actor_busy_share']:.1%}; reduction {t['reduce_seconds']} s; "
-          f"inside the blocks one actor scores {per_actor:.0f} pairs/s"
-          + (f" = {per_actor / inproc[1]:.0%} of the in-process 1-thread scorer" if 1 in inproc else ""))
-    if samples:
-        print_cpu_by_role(machine.cpu_by_role(samples, job.pid, os.sysconf("SC_CLK_TCK")))
+          f"scoring, block reduction), whole job {wall:.1f} s", flush=True)
+    return m, samples, job.pid
 
 
 def sample_processes(job: subprocess.Popen, interval: float) -> list:
