@@ -338,11 +338,10 @@ class UnitScorer:
     """Scores units against the run's audio index (pure torch + numpy, no Ray): a scorer
     of every audio for "cap" units, one of the new audios for "aud" units."""
 
-    def __init__(self, job: ScoreJob, model, pad_id: int, device: str, setup_started: float | None = None):
+    def __init__(self, job: ScoreJob, model, pad_id: int, device: str, setup_started: float):
         """setup_started: when the set-up began (the checkpoint load before this), for `timing`."""
         from aacray.scorer import BlockScorer
 
-        setup_started = time.time() if setup_started is None else setup_started
         es = read_embeddings(job.base_audio["uri"], job.base_audio["subsets"])
         ids, frames = list(es.audio_ids), list(es.frames)
         if job.added_files:
