@@ -87,8 +87,9 @@ class ScorerConfig:
     fp32's rankings and metrics (to fp32's own last-bit rounding) at close to bf16's speed
     on large indexes; losses elsewhere (the `scores` table) stay bf16's. docs/benchmarks.md."""
     pairs_per_batch: int = 4096
-    """Pairs per decoder forward inside an actor (memory knob): score_matrix runs one caption
-    x this many audios, perturb this many listed pairs. score_matrix's outputs are
+    """Pairs per decoder forward inside an actor (memory knob: the memory guard's `forward`
+    part, `scorer.forward_memory`; on CPU a forward also stops at about 3072 token rows):
+    score_matrix runs one caption x this many audios, perturb this many listed pairs. score_matrix's outputs are
     bit-identical for any caption_block_size and actor count; changing this or `precision`
     changes float rounding (last bits) only."""
     refine_margin: float = 0.01

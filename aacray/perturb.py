@@ -309,7 +309,8 @@ class PerturbActor:
 MEMORY_WAYS_OUT = (
     "fewer audios (audio_subsets); scorer.precision=bf16 (half the key/value cache); fewer "
     "actors per node (a larger actors.num_cpus each); a larger actors.memory_gb (or null: the "
-    "node's memory); or a GPU with more memory (actors.num_gpus)"
+    "node's memory); a GPU with more memory (actors.num_gpus); on a GPU a smaller "
+    "scorer.pairs_per_batch (the `forward` part grows with it)"
 )
 
 
@@ -367,11 +368,13 @@ def plan_pairs(rows: list[tuple[str, str, Perturbation]], tok: WordTokenizer, ma
     return plan
 
 
-def actor_memory(cfg: PerturbConfig, audio: EmbeddingSet, model: CaptionDecoder) -> dict[str, int]:
+def actor_memory(cfg: PerturbConfig, audio: EmbeddingSet, model: CaptionDecoder, pairs: PairPlan) -> dict[str, int]:
     """What a PerturbActor holds: a PairScorer over every audio, one batch of pairs at a time."""
     return scorer_memory(
         len(audio.audio_ids), max(f.shape[0] for f in audio.frames), model.cfg,
         sum(p.numel() for p in model.parameters()), cfg.scorer.precision, 0,
+        vocab_size=model.classifier.out_features, max_tokens=max((len(t) for _, t in pairs.pairs), default=2),
+        pairs_per_batch=cfg.scorer.pairs_per_batch, gpu=cfg.actors.num_gpus > 0,
     )  # block 0: a perturb batch holds pair losses (B floats), not an N x block matrix
 
 
@@ -402,7 +405,7 @@ def plan_perturb(cfg: PerturbConfig) -> PerturbPlan:
         len(keep), len(pairs.kept), len(pairs.pairs),
     )
     return PerturbPlan(
-        len(cids), n_no_audio, pairs, tok, bool(model.cfg.audio_pos_enc), info, actor_memory(cfg, audio, model)
+        len(cids), n_no_audio, pairs, tok, bool(model.cfg.audio_pos_enc), info, actor_memory(cfg, audio, model, pairs)
     )
 
 

@@ -664,11 +664,13 @@ def actor_need(plan: Plan) -> dict[str, int]:
     held = [(n_all, cfg.caption_block_size)] if new.d_m else []
     if new.d_n:
         held.append((new.d_n, aud_block(cfg.caption_block_size, n_all, new.d_n)))
-    parts = [scorer_memory(n, max_frames, m.cfg, m.n_params, precision, b) for n, b in held]
-    start = scorer_memory(n_all, max_frames, m.cfg, m.n_params, precision, 0)
+    forward = dict(vocab_size=m.tok.vocab_size, max_tokens=max((len(t) for u in plan.units for t in u.tokens), default=2),
+                   pairs_per_batch=plan.index.info["pairs_per_batch"], gpu=cfg.actors.num_gpus > 0)
+    parts = [scorer_memory(n, max_frames, m.cfg, m.n_params, precision, b, **forward) for n, b in held]
+    start = scorer_memory(n_all, max_frames, m.cfg, m.n_params, precision, 0, **forward)
     need = {"embeddings": start["embeddings"], "model": start["model"],
             "index": sum(p["index"] for p in parts), "kv_cache": sum(p["kv_cache"] for p in parts),
-            "block": max(p["block"] for p in parts)}
+            "block": max(p["block"] for p in parts), "forward": start["forward"]}
     need["total"] = sum(need.values())
     return need
 

@@ -53,7 +53,9 @@ Linear layers on CPU use oneDNN with weights pre-packed for the scorer's row cou
 Memory: a scorer keeps, for all N audios, the projected index (N x S x D fp32) and every
 layer's cross-attention keys/values (2 x n_layers x N x S x D in the compute dtype: 38 GB
 fp32 for 100k audios of 31 frames at the paper's size); bf16-refined keeps two scorers
-(bf16 and fp32). `scorer_memory` adds it up; score_matrix checks it before any actor starts.
+(bf16 and fp32); and one forward's activations (`forward_memory`: on a GPU, where a forward
+takes every pairs_per_batch pair at once, mostly the logits). `scorer_memory` adds it up;
+score_matrix, perturb and reindex check it before any actor starts.
 """
 
 from __future__ import annotations
@@ -422,6 +424,12 @@ def pair_flops(cfg: DecoderConfig, vocab_size: int, n_tokens: float, n_frames: f
 # --------------------------------------------------------------------------------------
 
 
+def audios_per_forward(n_tokens: int, pairs_per_batch: int, cpu_rows: int | None) -> int:
+    """Pairs in one `PairScorer` forward of captions of n_tokens tokens: pairs_per_batch,
+    and on CPU (cpu_rows set) no more than cpu_rows token rows' worth, one pair at least."""
+    return pairs_per_batch if cpu_rows is None else max(1, min(pairs_per_batch, cpu_rows // n_tokens))
+
+
 class PairScorer:
     """Losses of a fixed audio index against tokenised captions: a matrix or listed pairs.
 
@@ -520,7 +528,7 @@ class PairScorer:
         tokens: at most pairs_per_batch audios (and cpu_rows token rows on CPU). They depend
         on T and the index only, never on the other captions scored alongside."""
         if T not in self._chunk_cache:
-            size = self.pairs_per_batch if self.cpu_rows is None else max(1, min(self.pairs_per_batch, self.cpu_rows // T))
+            size = audios_per_forward(T, self.pairs_per_batch, self.cpu_rows)
             out = []
             for a0 in range(0, self.n_audios, size):
                 a1 = min(a0 + size, self.n_audios)
@@ -589,9 +597,7 @@ class PairScorer:
         rows = self.rank_of[audio_index]
         lengths = np.array([len(t) for t in tokens])
         p_order = np.lexsort((lengths, rows))
-        size = self.pairs_per_batch
-        if self.cpu_rows is not None:
-            size = max(1, min(size, self.cpu_rows // int(lengths.max())))
+        size = audios_per_forward(int(lengths.max()), self.pairs_per_batch, self.cpu_rows)
         with torch.inference_mode():
             for p0 in range(0, P, size):
                 idx = p_order[p0 : p0 + size]
@@ -896,9 +902,43 @@ def over_long(caption_ids: list[str], tokens: list[list[int]], max_tokens: int) 
 # --------------------------------------------------------------------------------------
 
 
+def forward_memory(
+    cfg: DecoderConfig, vocab_size: int, max_tokens: int, max_frames: int, precision: str, pairs_per_batch: int, gpu: bool,
+) -> int:
+    """Bytes one `PairScorer` forward allocates at its peak (its activations), for captions
+    of at most max_tokens token ids against audios of at most max_frames frames. A forward
+    holds R = B x T token rows (T = max_tokens - 1 inputs, B = `audios_per_forward`: all
+    pairs_per_batch on a GPU, about `PairScorer.CPU_ROWS` rows' worth on CPU), and at most:
+    - the residual stream and its neighbours, and a prefix of B captions (`loss_pairs`),
+      R x D in 6 tensors of fp32;
+    - listed pairs' keys and values, gathered for the forward (`loss_pairs`; `loss_matrix`
+      slices them in place): 2 x n_layers x B x S x D in the compute dtype;
+    - then the largest of: the feed-forward's R x d_ff output and its GELU (compute dtype);
+      the attention's R x H x max(S, T) scores with their fp32 copy and softmax (12 B); the
+      classifier's C x V logits with their fp32 copy and log-probabilities (10 B), C = R on
+      a GPU and `FastDecoder.CLASSIFIER_ROWS` on CPU.
+    bf16-refined runs one forward at a time, so its fp32 scorer's counts. A bound:
+    tests/test_memory_guard.py measures every allocation of real forwards (`loss_matrix`
+    and `loss_pairs`, both layouts, fp32 and bf16) and checks it holds within 2x. At the
+    paper's size (V 5000, captions of 22 token ids) a GPU forward of 4096 pairs needs 6.4 GB
+    fp32, 4.3 GB of it the logits; a CPU forward 0.1-0.25 GB."""
+    T, S = max(1, int(max_tokens) - 1), int(max_frames)
+    audios = audios_per_forward(T, pairs_per_batch, None if gpu else PairScorer.CPU_ROWS)
+    rows = audios * T
+    classifier_rows = rows if gpu else min(rows, FastDecoder.CLASSIFIER_ROWS)
+    c = 2 if precision == "bf16" else 4  # bytes per value in the compute dtype
+    stream = 6 * rows * cfg.d_model * 4
+    gathered = 2 * cfg.n_layers * audios * S * cfg.d_model * c
+    ff = 2 * rows * cfg.d_ff * c
+    attention = 12 * rows * cfg.n_heads * max(S, T)
+    logits = 10 * classifier_rows * int(vocab_size)
+    return stream + gathered + max(ff, attention, logits)
+
+
 def scorer_memory(
     n_audios: int, max_frames: int, cfg: DecoderConfig, n_params: int, precision: str,
-    block_captions: int, embed_width: int = 768,
+    block_captions: int, embed_width: int = 768, *, vocab_size: int, max_tokens: int,
+    pairs_per_batch: int, gpu: bool,
 ) -> dict[str, int]:
     """Bytes one actor holds to score blocks of `block_captions` captions against N audios
     of at most S = max_frames frames with a `BlockScorer` at `precision`, by part:
@@ -911,19 +951,25 @@ def scorer_memory(
       S x D in the compute dtype: at the paper's size (6 layers, D 256) 38 GB fp32 for 100k
       audios of 31 frames, the part that bounds N;
     - block: one block's losses N x block float32, the ranking's float64 working copies (3)
-      and, for bf16-refined, the refinement's float64 work arrays (6).
+      and, for bf16-refined, the refinement's float64 work arrays (6);
+    - forward: one forward's activations (`forward_memory`: captions of at most max_tokens
+      token ids, on a GPU or on CPU), one forward at a time: blocks run one caption against
+      at most min(pairs_per_batch, N) audios a forward; listed pairs (block_captions 0, as
+      perturb's batches) pairs_per_batch of them.
     bf16-refined holds two scorers, a bf16 one that screens and an fp32 one that decides.
     `index` and `kv_cache` are exactly the tensors `PairScorer` allocates; the total is the
     peak, since everything above is alive while the first block is scored."""
     N, S, D, layers = int(n_audios), int(max_frames), cfg.d_model, cfg.n_layers
     scorers = {"fp32": [4], "bf16": [2], "bf16-refined": [2, 4]}[precision]  # bytes per value, per scorer
     cells = N * S
+    forward_pairs = pairs_per_batch if block_captions == 0 else min(pairs_per_batch, max(N, 1))
     parts = {
         "embeddings": cells * embed_width * 4,
         "model": n_params * 4 + sum(2 * n_params * b for b in scorers),
         "index": len(scorers) * cells * (D * 4 + 1),
         "kv_cache": sum(2 * layers * cells * D * b for b in scorers),
         "block": N * block_captions * (4 + 3 * 8 + (6 * 8 if precision == "bf16-refined" else 0)),
+        "forward": forward_memory(cfg, vocab_size, max_tokens, S, precision, forward_pairs, gpu),
     }
     parts["total"] = sum(parts.values())
     return parts

@@ -38,8 +38,10 @@ Memory model: what one actor holds (`scorer.scorer_memory`; logged and checked a
   dtype: 38 GB fp32 for the same 100k audios, the part that bounds N;
 - with bf16-refined, two scorers: a bf16 one that screens and an fp32 one that decides
   (the index twice, the cache 1.5 times fp32's);
-- the frames read at start-up (N x S x 768 float32) while the scorers are built, and one
-  block of losses (N x caption_block_size) with the ranking's work arrays.
+- the frames read at start-up (N x S x 768 float32) while the scorers are built, one
+  block of losses (N x caption_block_size) with the ranking's work arrays, and one
+  forward's activations (`scorer.forward_memory`: on a GPU min(pairs_per_batch, N) pairs
+  at once, 2.4 GB fp32 at Clotho's evaluation size, mostly the logits).
 The driver holds N x k and M x k top-k rows and M caption stats (with minmax_ties authors,
 also each audio's captions tied at its smallest min-max score: the captions it is the best
 audio for, M / N on average, plus every caption whose loss does not depend on the audio).
@@ -108,7 +110,8 @@ N_CURVES = 3  # queries in the loss-curve figure
 WAYS_OUT = (
     "fewer audios per job (audio_subsets, or split the index across jobs); scorer.precision bf16 "
     "(half the key/value cache of fp32; bf16-refined holds a bf16 and an fp32 scorer); an actor "
-    "with more memory (actors.memory_gb, a larger node or GPU); a smaller caption_block_size"
+    "with more memory (actors.memory_gb, a larger node or GPU); a smaller caption_block_size; "
+    "on a GPU a smaller scorer.pairs_per_batch (the `forward` part grows with it)"
 )
 
 
@@ -217,7 +220,8 @@ def plan_score_matrix(cfg: ScoreConfig) -> ScorePlan:
     bs = cfg.caption_block_size
     need = scorer_memory(
         n, max(f.shape[0] for f in audio.frames), model.cfg, sum(p.numel() for p in model.parameters()),
-        cfg.scorer.precision, min(bs, m), embed_width=audio.frames[0].shape[1],
+        cfg.scorer.precision, min(bs, m), embed_width=audio.frames[0].shape[1], vocab_size=tok.vocab_size,
+        max_tokens=max(map(len, tokens)), pairs_per_batch=cfg.scorer.pairs_per_batch, gpu=cfg.actors.num_gpus > 0,
     )
     file_names, dcase_skip = dcase_file_names(cfg, audio.audio_ids, audio.sources)
     return ScorePlan(

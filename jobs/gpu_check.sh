@@ -2,7 +2,8 @@
 # The scorer's GPU checks in one command (docs/benchmarks.md, "GPU"), from the repository root
 # of a machine with one CUDA GPU:  bash jobs/gpu_check.sh
 # 1. the machine (nvidia-smi; the bench's own machine line);
-# 2. the CUDA scorer against the reference loop (tests/test_fastscore.py, fp32 and bf16);
+# 2. the CUDA scorer against the reference loop (tests/test_fastscore.py, fp32 and bf16), and
+#    one forward's CUDA memory against `scorer.forward_memory` (tests/test_memory_guard.py);
 # 3. Clotho evaluation size, 1,045 audios x 5,225 captions = 5.5M pairs, in process: rows
 #    (b) fp32, (c) bf16 and (d) bf16-refined with pairs/s and shares of the same run's matmul
 #    rates (bf16: the tensor-core rate);
@@ -29,7 +30,7 @@ step() {  # step NAME CMD...: run CMD, its output to the console and $out/NAME.t
 }
 clotho=(--device cuda --precision bf16 --audios 1045 --captions 5225 --rounds 1)
 step gpu nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-step cuda_test "$py" -m pytest -q -p no:cacheprovider tests/test_fastscore.py -k cuda
+step cuda_test "$py" -m pytest -q -s -p no:cacheprovider tests/test_fastscore.py tests/test_memory_guard.py -k cuda
 step rows "$py" jobs/bench_scoring.py --only rows "${clotho[@]}" --naive-pairs 20000
 step ablations "$py" jobs/bench_scoring.py --only rows --device cuda --precision bf16 --audios 256 --captions 1280 \
     --rounds 2 --naive-pairs 4096 --ablations

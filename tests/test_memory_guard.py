@@ -3,6 +3,9 @@ job no actor can hold, before any actor starts.
 
 - the estimate's index and key/value parts are exactly the tensors a `PairScorer` /
   `BlockScorer` allocates (an invariant over precisions, frame counts and model sizes);
+- the forward part bounds, within 2x, every allocation torch makes during real forwards
+  (measured with the profiler), in the CPU layout and in the GPU's (all pairs_per_batch
+  pairs in one forward, the classifier over all its rows), fp32 and bf16;
 - the docs' worked example: the key/value cache of 100k audios of 31 frames is ~38 GB fp32;
 - `actors.memory_gb=0.001` refuses the job with a BadInputError naming the need and the
   ways out, before Ray starts, and leaves an existing output as it was.
@@ -10,6 +13,7 @@ job no actor can hold, before any actor starts.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -21,7 +25,7 @@ from faults import CAPTIONS, write_extract_output, write_random_checkpoint
 from aacray.config import ScoreConfig, from_dict
 from aacray.decoder import CaptionDecoder, DecoderConfig
 from aacray.errors import BadInputError
-from aacray.scorer import BlockScorer, scorer_memory
+from aacray.scorer import BlockScorer, PairScorer, forward_memory, scorer_memory
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -47,7 +51,8 @@ def test_scorer_memory_is_what_the_scorer_allocates(precision, cfg_kw):
     block = BlockScorer(model, PAD, frames, "cpu", precision, pairs_per_batch=4)
     L, _ = block.losses(tokens, 3)
     n_params = sum(p.numel() for p in model.parameters())
-    need = scorer_memory(N, S, cfg, n_params, precision, len(tokens))
+    need = scorer_memory(N, S, cfg, n_params, precision, len(tokens), vocab_size=30,
+                         max_tokens=max(map(len, tokens)), pairs_per_batch=4, gpu=False)
     index, kv = _held(block)
     assert need["index"] == index and need["kv_cache"] == kv, (need, index, kv)
     assert need["embeddings"] == N * S * 768 * 4 >= sum(f.nbytes for f in frames)
@@ -58,15 +63,93 @@ def test_scorer_memory_is_what_the_scorer_allocates(precision, cfg_kw):
 
 def test_kv_cache_of_100k_audios_is_38_gb_fp32():
     """README / DESIGN.md: 2 x n_layers x N x S x D floats, ~38 GB fp32 at the paper's size;
-    bf16 halves it, bf16-refined holds both (1.5x fp32) and the index twice."""
+    bf16 halves it, bf16-refined holds both (1.5x fp32) and the index twice; docs/operations.md's
+    GPU forward: 6.4 GB fp32 at 4096 pairs, 2.4 GB at Clotho's 1045 audios."""
     cfg = DecoderConfig()  # 6 layers, D 256
-    fp32 = scorer_memory(100_000, 31, cfg, 12_000_000, "fp32", 256)
+    kw = dict(vocab_size=5000, max_tokens=22, pairs_per_batch=4096, gpu=True)
+    fp32 = scorer_memory(100_000, 31, cfg, 12_000_000, "fp32", 256, **kw)
     assert round(fp32["kv_cache"] / 1e9) == 38
     assert round(fp32["index"] / 1e9, 1) == 3.2
-    bf16 = scorer_memory(100_000, 31, cfg, 12_000_000, "bf16", 256)
-    both = scorer_memory(100_000, 31, cfg, 12_000_000, "bf16-refined", 256)
+    bf16 = scorer_memory(100_000, 31, cfg, 12_000_000, "bf16", 256, **kw)
+    both = scorer_memory(100_000, 31, cfg, 12_000_000, "bf16-refined", 256, **kw)
     assert 2 * bf16["kv_cache"] == fp32["kv_cache"] and both["kv_cache"] == fp32["kv_cache"] + bf16["kv_cache"]
     assert both["index"] == 2 * fp32["index"]
+    # docs/operations.md: one GPU forward, 4096 pairs of 21 input tokens, V 5000
+    assert round(fp32["forward"] / 1e9, 1) == 6.4 and both["forward"] == fp32["forward"] > bf16["forward"]
+    clotho = scorer_memory(1045, 94, cfg, 12_000_000, "fp32", 654, **kw)  # 1045 audios: 1045 pairs a forward
+    assert round(clotho["forward"] / 1e9, 1) == 2.4 and clotho["forward"] < fp32["forward"]
+
+
+def _peak_allocated(fn) -> int:
+    """The most bytes torch's CPU allocator held at once while fn ran, above its level when
+    fn started: every allocation and free, kernels' temporaries included, from the
+    profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"aacray-mem-{os.getpid()}.json")
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.remove(path)
+    sizes = [e["args"]["Bytes"] for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+             if e["args"].get("Device Type") == 0]
+    assert sizes, "the profiler recorded no CPU allocation"
+    return int(np.cumsum(sizes).max())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["cpu", "gpu", "gpu-unfused"])
+@pytest.mark.parametrize("size", [dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, V=500), dict(d_model=32, n_layers=2, n_heads=2, d_ff=1024, V=3000)])
+def test_forward_memory_bounds_what_a_forward_allocates(precision, layout, size):
+    """One caption against 64 audios of 20-30 frames: `loss_matrix` (one forward per chunk)
+    and `loss_pairs` (the listed pairs' batches) allocate at most `forward_memory`, and at
+    least half of it. "gpu": the GPU's layout on CPU (no row cap, classifier over every row,
+    fused or written-out attention, plain F.linear)."""
+    torch.manual_seed(0)
+    size = dict(size)
+    V = size.pop("V")
+    cfg = DecoderConfig(**size)
+    model = CaptionDecoder(cfg, V, PAD).eval()
+    rng = np.random.default_rng(0)
+    frames = [rng.standard_normal((int(n), 768), dtype=np.float32) for n in rng.integers(20, 31, 64)]
+    tokens = [[BOS, *rng.integers(4, V, 20).tolist(), EOS]]
+    gpu = layout != "cpu"
+    kw = dict(cpu_rows=None, classifier_rows=None, pack_weights=False, fused_attention=layout == "gpu") if gpu else {}
+    scorer = PairScorer(model, PAD, frames, "cpu", precision, pairs_per_batch=64, **kw)
+    bound = forward_memory(cfg, V, max(map(len, tokens)), max(f.shape[0] for f in frames), precision, 64, gpu)
+    a = np.arange(len(frames))
+    peaks = [_peak_allocated(lambda: scorer.loss_matrix(tokens)), _peak_allocated(lambda: scorer.loss_pairs(a, tokens * len(a)))]
+    assert max(peaks) <= bound <= 2 * max(peaks), (layout, precision, peaks, bound)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (jobs/gpu_check.sh runs it)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_forward_memory_bounds_a_cuda_forward(precision):
+    """On a GPU, at the paper's model size and V 5000: what the caching allocator held above
+    its starting level while 512 audios of up to 31 frames meet one 22-token caption (one
+    forward of 512 pairs) stays within `forward_memory`."""
+    torch.manual_seed(0)
+    cfg, V = DecoderConfig(), 5000
+    model = CaptionDecoder(cfg, V, PAD).eval()
+    rng = np.random.default_rng(0)
+    frames = [rng.standard_normal((int(n), 768), dtype=np.float32) for n in rng.integers(20, 32, 512)]
+    tokens = [[BOS, *rng.integers(4, V, 20).tolist(), EOS]]
+    scorer = PairScorer(model, PAD, frames, "cuda", precision, pairs_per_batch=4096)
+    bound = forward_memory(cfg, V, 22, 31, precision, 4096, gpu=True)
+    a = np.arange(len(frames))
+    for run in (lambda: scorer.loss_matrix(tokens), lambda: scorer.loss_pairs(a, tokens * len(a))):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        print(f"{precision}: forward peak {peak / 2**20:.0f} MiB, forward_memory {bound / 2**20:.0f} MiB ({bound / peak:.2f}x)")
+        assert peak <= bound, (precision, peak, bound)
 
 
 def test_score_matrix_refuses_an_index_no_actor_can_hold(tmp_path, monkeypatch, caplog):
@@ -97,7 +180,7 @@ def test_score_matrix_refuses_an_index_no_actor_can_hold(tmp_path, monkeypatch, 
     msg = str(e.value)
     assert "score_matrix: one actor needs" in msg and "kv_cache" in msg and "embeddings" in msg
     assert "actors.memory_gb" in msg and "audio_subsets" in msg and "scorer.precision bf16" in msg
-    assert "caption_block_size" in msg
+    assert "caption_block_size" in msg and "scorer.pairs_per_batch" in msg and "forward" in msg
     assert any("each actor holds" in r.getMessage() for r in caplog.records)  # logged before refusing
     with open(os.path.join(out, "_MANIFEST.json")) as f:
         assert f.read() == old  # the old output is untouched

@@ -337,10 +337,15 @@ def test_memory_guard_refuses_before_any_actor_starts(tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(out, "config.yaml"))
 
     # the estimate is scorer_memory's for N = 8 audios of S <= 64 frames, this checkpoint's
-    # decoder and parameter count and the configured precision; no N x block loss matrix
+    # decoder, parameter count and vocabulary, the configured precision and a CPU forward of
+    # pairs_per_batch listed pairs of the plan's longest caption; no N x block loss matrix
     # (a batch of pairs holds B losses)
     model, _, _ = ckpt_lib.load(ckpt)
-    need = actor_memory(cfg, read_embeddings(emb, None), model)
+    pairs = perturb.plan_perturb(cfg).pairs
+    need = actor_memory(cfg, read_embeddings(emb, None), model, pairs)
     n_params = sum(p.numel() for p in model.parameters())
-    assert need == scorer_memory(8, 64, model.cfg, n_params, "fp32", 0)
+    longest = max(len(t) for _, t in pairs.pairs)
+    assert need == scorer_memory(8, 64, model.cfg, n_params, "fp32", 0, vocab_size=model.classifier.out_features,
+                                 max_tokens=longest, pairs_per_batch=cfg.scorer.pairs_per_batch, gpu=False)
+    assert need["forward"] > 0 and need["block"] == 0
     assert need["embeddings"] == 8 * 64 * 768 * 4 and need["total"] > 0.001 * 2**30
