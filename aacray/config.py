@@ -85,7 +85,9 @@ class ScorerConfig:
     neighbours in a top-k list may swap. bf16-refined (score_matrix only): bf16 for every
     pair, then fp32 again for the pairs that decide the top-k lists and caption min/max:
     fp32's rankings and metrics (to fp32's own last-bit rounding) at close to bf16's speed
-    on large indexes; losses elsewhere (the `scores` table) stay bf16's. docs/benchmarks.md."""
+    on large indexes; losses elsewhere (the `scores` table) stay bf16's. docs/benchmarks.md.
+    bf16 pays on GPUs and on CPUs with bf16 matrix units (AMX, AVX-512 bf16); elsewhere torch
+    emulates it at about 1% of fp32's speed, and a CPU actor says so in a warning."""
     pairs_per_batch: int = 4096
     """Pairs per decoder forward inside an actor (memory knob: the memory guard's `forward`
     part, `scorer.forward_memory`; on CPU a forward also stops at about 3072 token rows):

@@ -48,6 +48,14 @@ def matrix_units(flags: set[str]) -> str:
     return "no bf16 matrix units (bf16 matmul emulated)"
 
 
+def bf16_emulated(flags: set[str] | None = None) -> bool:
+    """True on an x86 CPU with neither bf16 matrix unit (flags: this machine's by default),
+    where torch emulates bf16 matmul at about 1% of fp32's rate. False where that cannot be
+    told: no flags (not Linux), or not x86 (Arm CPUs name their bf16 support otherwise)."""
+    flags = cpu_info()[1] if flags is None else flags
+    return bool(flags) and platform.machine() in ("x86_64", "AMD64") and not any(f in flags for f, _ in _UNITS)
+
+
 def describe(device: str | torch.device = "cpu") -> str:
     """One line naming the machine: the GPU for a CUDA device, else the CPU, with torch's
     thread count and the CPU's vector capability as torch sees it."""

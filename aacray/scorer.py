@@ -60,6 +60,7 @@ score_matrix, perturb and reindex check it before any actor starts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aacray import machine
 from aacray.decoder import CaptionDecoder, DecoderConfig, pair_loss
 from aacray.embeddings import check_embeddings, duplicate_ids
 from aacray.retrieval import minmax_scale
@@ -424,6 +426,17 @@ def pair_flops(cfg: DecoderConfig, vocab_size: int, n_tokens: float, n_frames: f
 # --------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _warn_if_bf16_emulated() -> None:
+    """Once per process: bf16 scoring on a CPU that emulates bf16 matmul is ~100x slower."""
+    if machine.bf16_emulated():
+        log.warning(
+            "scorer.precision bf16 / bf16-refined on %s: this CPU has %s, so torch emulates "
+            "bf16 at about 1%% of fp32's speed; set scorer.precision: fp32 for CPU actors here",
+            machine.cpu_info()[0], machine.matrix_units(machine.cpu_info()[1]),
+        )
+
+
 def audios_per_forward(n_tokens: int, pairs_per_batch: int, cpu_rows: int | None) -> int:
     """Pairs in one `PairScorer` forward of captions of n_tokens tokens: pairs_per_batch,
     and on CPU (cpu_rows set) no more than cpu_rows token rows' worth, one pair at least."""
@@ -486,6 +499,8 @@ class PairScorer:
         self.device = torch.device(device)
         self.precision = precision
         self.pairs_per_batch = pairs_per_batch
+        if self.device.type == "cpu" and precision == "bf16":
+            _warn_if_bf16_emulated()
         self._project(frames)
         on_cpu = self.device.type == "cpu"
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -133,3 +133,30 @@ def test_scores_table_contract():
     assert t.column("loss").to_pylist() == L.reshape(-1).tolist()
     with pytest.raises(AssertionError):
         scores_table(["a1"], ["c2", "c0", "c1"], L)
+
+
+@pytest.mark.parametrize("flags, warned", [({"avx2", "fma"}, True), ({"avx2", "avx512_bf16"}, False), ({"amx_bf16"}, False)])
+def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch, caplog, flags, warned):
+    """A CPU scorer at bf16 on an x86 CPU with neither AMX nor AVX-512 bf16 (torch emulates
+    bf16 matmul there, ~100x slower) logs one warning per process naming the CPU and fp32;
+    fp32 scorers and CPUs with bf16 units log none."""
+    import logging
+
+    from aacray import machine, scorer
+
+    monkeypatch.setattr(machine, "cpu_info", lambda path="/proc/cpuinfo": ("Fake CPU 9000", flags))
+    monkeypatch.setattr(machine.platform, "machine", lambda: "x86_64")
+    model, frames, _ = _make()
+    scorer._warn_if_bf16_emulated.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="aacray.scorer"):
+            PairScorer(model, PAD, frames, "cpu", "fp32")
+            assert not [r for r in caplog.records if "emulates" in r.getMessage()]
+            for _ in range(2):
+                PairScorer(model, PAD, frames, "cpu", "bf16")
+    finally:
+        scorer._warn_if_bf16_emulated.cache_clear()
+    msgs = [r.getMessage() for r in caplog.records if "emulates" in r.getMessage()]
+    assert len(msgs) == (1 if warned else 0), msgs
+    if warned:
+        assert "Fake CPU 9000" in msgs[0] and "no bf16 matrix units" in msgs[0] and "scorer.precision: fp32" in msgs[0]
