@@ -64,7 +64,8 @@ def test_scorer_memory_is_what_the_scorer_allocates(precision, cfg_kw):
 def test_kv_cache_of_100k_audios_is_38_gb_fp32():
     """README / DESIGN.md: 2 x n_layers x N x S x D floats, ~38 GB fp32 at the paper's size;
     bf16 halves it, bf16-refined holds both (1.5x fp32) and the index twice; docs/operations.md's
-    GPU forward: 6.4 GB fp32 at 4096 pairs, 2.4 GB at Clotho's 1045 audios."""
+    block of 8192 captions (23 GB, 62 GB bf16-refined) and GPU forward (6.4 GB fp32 at 4096
+    pairs, 2.4 GB at Clotho's 1045 audios)."""
     cfg = DecoderConfig()  # 6 layers, D 256
     kw = dict(vocab_size=5000, max_tokens=22, pairs_per_batch=4096, gpu=True)
     fp32 = scorer_memory(100_000, 31, cfg, 12_000_000, "fp32", 256, **kw)
@@ -74,7 +75,10 @@ def test_kv_cache_of_100k_audios_is_38_gb_fp32():
     both = scorer_memory(100_000, 31, cfg, 12_000_000, "bf16-refined", 256, **kw)
     assert 2 * bf16["kv_cache"] == fp32["kv_cache"] and both["kv_cache"] == fp32["kv_cache"] + bf16["kv_cache"]
     assert both["index"] == 2 * fp32["index"]
-    # docs/operations.md: one GPU forward, 4096 pairs of 21 input tokens, V 5000
+    # docs/operations.md: a block of 8192 captions with its working copies; one GPU forward,
+    # 4096 pairs of 21 input tokens, V 5000
+    blocks = {p: scorer_memory(100_000, 31, cfg, 12_000_000, p, 8192, **kw)["block"] for p in ("fp32", "bf16-refined")}
+    assert round(blocks["fp32"] / 1e9) == 23 and round(blocks["bf16-refined"] / 1e9) == 62
     assert round(fp32["forward"] / 1e9, 1) == 6.4 and both["forward"] == fp32["forward"] > bf16["forward"]
     clotho = scorer_memory(1045, 94, cfg, 12_000_000, "fp32", 654, **kw)  # 1045 audios: 1045 pairs a forward
     assert round(clotho["forward"] / 1e9, 1) == 2.4 and clotho["forward"] < fp32["forward"]
