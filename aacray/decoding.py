@@ -22,9 +22,11 @@ Choices worth knowing:
   descriptions, aacray/shortlist.py). Without masks at work (no repeat forbidden, eos
   not forbidden, no special banned) the score is -pair_loss of its tokens.
 - The new hypotheses of an audio fill its live slots in slot order, as conette's do.
-- All audios of a batch are decoded together: the audio memory is computed once per
-  audio and repeated for its beams; the decoder reruns over the whole prefix of the live
-  hypotheses at each step (captions are short, so no key/value cache).
+- All audios of a batch are decoded together: the audio memory and its cross-attention
+  keys/values are computed once per audio and repeated for its beams; each step runs the
+  decoder on the new position of the live hypotheses only (`FastDecoder.step`, fp32, the
+  module's maths), with every earlier position's self-attention keys/values cached, and a
+  hypothesis' cache follows it when the beams are reassigned.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from torch import Tensor
 
 from aacray.decoder import CaptionDecoder
+from aacray.scorer import FastDecoder
 from aacray.text import WordTokenizer
 
 
@@ -150,8 +153,10 @@ def _beam_search(
     frames = frames.to(device)
     mask = None if frame_pad_mask is None else frame_pad_mask.to(device)
     B, V = frames.shape[0], model.vocab_size
-    memory = model.encode(frames, mask).repeat_interleave(K, dim=0)  # (B*K, S, D)
-    mask = None if mask is None else mask.repeat_interleave(K, dim=0)
+    fast = FastDecoder(model)  # fp32: the module's maths, a position at a time
+    kv = [(k.repeat_interleave(K, dim=0), v.repeat_interleave(K, dim=0)) for k, v in fast.audio_kv(model.encode(frames, mask))]
+    mask = fast.memory_mask(None if mask is None else mask.repeat_interleave(K, dim=0))  # (B*K, 1, 1, S)
+    cache = fast.self_attn_cache(B * K, max_len)
 
     seqs = torch.full((B * K, max_len + 1), tok.pad_id, dtype=torch.long, device=device)
     seqs[:, 0] = tok.bos_id
@@ -164,9 +169,8 @@ def _beam_search(
     for step in range(max_len):
         rows = live.nonzero(as_tuple=True)[0]
         prefix = seqs[rows, : step + 1]
-        logits = model.decode(
-            memory[rows], None if mask is None else mask[rows], model.embed_tokens(prefix), None
-        )[:, -1].float()
+        hidden = fast.step(model.embed_tokens(prefix)[:, -1:], step, rows, cache, kv, mask)
+        logits = fast.classifier(hidden).float()
         logp = torch.full((B * K, V), float("-inf"), device=device)
         logp[rows] = rules.mask(logits, prefix, step).log_softmax(dim=-1)
         cand = sums[:, None] + logp
@@ -177,6 +181,7 @@ def _beam_search(
 
         seqs[dest] = seqs[src]
         seqs[dest, step + 1] = new_tok
+        fast.move_cache(cache, dest, src, step + 1)
         sums[dest] = new_sum
         ended = dest[(new_tok == tok.eos_id) | (step == max_len - 1)]
         means[ended] = sums[ended] / (step + 1)

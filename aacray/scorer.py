@@ -273,11 +273,9 @@ class FastDecoder:
         Bc, T, _ = x1.shape
         B = kv[0][0].shape[0]
         assert Bc in (1, B) and target.shape == (Bc, T), f"{x1.shape=} {target.shape=} {B=}"
-        mask = None
         if memory_pad_mask is not None:
             assert memory_pad_mask.shape == (B, kv[0][0].shape[2]), f"{memory_pad_mask.shape=}"
-            mask = torch.zeros(B, 1, 1, memory_pad_mask.shape[1], dtype=self.dtype, device=x1.device)
-            mask.masked_fill_(memory_pad_mask[:, None, None, :], float("-inf"))
+        mask = self.memory_mask(memory_pad_mask)
         layer = self.layers[0]
         x = self._cross_and_ff(x1, q1, kv[0], mask, layer)
         for i, layer in enumerate(self.layers[1:], start=1):
@@ -292,7 +290,52 @@ class FastDecoder:
         assert bool((n > 0).all()), "a caption has no target token (expected at least eos)"
         return nll.sum(dim=1) / n.to(torch.float32)
 
+    # --- one position at a time (beam search, aacray/decoding.py) -----------------------
+    def self_attn_cache(self, rows: int, max_len: int) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, the self-attention keys and values of `rows` hypotheses, each (rows, H,
+        max_len, d) in the compute dtype, for `step` to fill position by position."""
+        shape = (rows, self.H, max_len, self.d)
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+                for _ in self.layers]
+
+    @staticmethod
+    def move_cache(cache: list[tuple[Tensor, Tensor]], dest: Tensor, src: Tensor, n: int) -> None:
+        """Hypotheses reassigned (row src -> row dest): their first n positions go along."""
+        for keys, values in cache:
+            keys[dest, :, :n] = keys[src, :, :n]  # the right side is a copy: rows may swap
+            values[dest, :, :n] = values[src, :, :n]
+
+    def step(self, x: Tensor, t: int, rows: Tensor, cache: list, kv: list, mask: Tensor | None) -> Tensor:
+        """The decoder at position t of the hypotheses `rows` -> their last hidden states (R, D).
+
+        x (R, 1, D): their tokens at t, embedded (`CaptionDecoder.embed_tokens`); cache
+        (`self_attn_cache`) holds their positions < t and gets position t here; kv (`audio_kv`)
+        and mask (`memory_mask`, or None) cover every hypothesis, `rows` picks theirs. The
+        maths of `losses` on one new query per layer: earlier positions are never redone.
+        """
+        R = x.shape[0]
+        x = x.to(self.stream_dtype)
+        mask = None if mask is None else mask[rows]
+        for (ck, cv), (k, v), layer in zip(cache, kv, self.layers, strict=True):
+            qkv = layer.sa_in(x).view(R, 3, self.H, self.d)  # the query scaled by 1/sqrt(d) already
+            ck[rows, :, t] = qkv[:, 1]
+            cv[rows, :, t] = qkv[:, 2]
+            s = torch.matmul(qkv[:, 0, :, None], ck[rows, :, : t + 1].transpose(-1, -2))  # (R, H, 1, t + 1)
+            ctx = torch.matmul(_softmax(s), cv[rows, :, : t + 1]).reshape(R, 1, self.D)
+            x = self._norm(layer.sa_out(ctx, residual=x), layer.norms[0])
+            x = self._cross_and_ff(x, self._queries(x, layer), (k[rows], v[rows]), mask, layer)
+        return x[:, 0]
+
     # --- pieces ------------------------------------------------------------------------
+    def memory_mask(self, memory_pad_mask: Tensor | None) -> Tensor | None:
+        """(B, S) bool, True on padded frames -> the attention's additive mask (B, 1, 1, S):
+        -inf there, 0 elsewhere, in the compute dtype; None stays None."""
+        if memory_pad_mask is None:
+            return None
+        B, S = memory_pad_mask.shape
+        mask = torch.zeros(B, 1, 1, S, dtype=self.dtype, device=memory_pad_mask.device)
+        return mask.masked_fill_(memory_pad_mask[:, None, None, :], float("-inf"))
+
     def _token_nll(self, x: Tensor, target: Tensor, ignore: int) -> Tensor:
         """x (n, D) last hidden states, target (n,) -> -log p(target) (n,) fp32 (0 where
         target is ignore): the classifier, then the log-softmax and the loss in fp32, on
