@@ -670,7 +670,7 @@ def actor_need(plan: Plan) -> dict[str, int]:
     start = scorer_memory(n_all, max_frames, m.cfg, m.n_params, precision, 0, **forward)
     need = {"embeddings": start["embeddings"], "model": start["model"],
             "index": sum(p["index"] for p in parts), "kv_cache": sum(p["kv_cache"] for p in parts),
-            "block": max(p["block"] for p in parts), "forward": start["forward"]}
+            "block": max(p["block"] for p in parts), "forward": max(p["forward"] for p in parts)}
     need["total"] = sum(need.values())
     return need
 

@@ -82,6 +82,10 @@ def test_kv_cache_of_100k_audios_is_38_gb_fp32():
     assert round(fp32["forward"] / 1e9, 1) == 6.4 and both["forward"] == fp32["forward"] > bf16["forward"]
     clotho = scorer_memory(1045, 94, cfg, 12_000_000, "fp32", 654, **kw)  # 1045 audios: 1045 pairs a forward
     assert round(clotho["forward"] / 1e9, 1) == 2.4 and clotho["forward"] < fp32["forward"]
+    # blocks: one caption x at most N audios a forward; listed pairs (block 0): pairs_per_batch
+    assert clotho["forward"] == forward_memory(cfg, 5000, 22, 94, "fp32", 1045, gpu=True)
+    listed = scorer_memory(1045, 94, cfg, 12_000_000, "fp32", 0, **kw)
+    assert listed["forward"] == forward_memory(cfg, 5000, 22, 94, "fp32", 4096, gpu=True) > clotho["forward"]
 
 
 def _peak_allocated(fn) -> int:

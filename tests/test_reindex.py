@@ -311,7 +311,7 @@ def test_memory_guard_refuses_before_any_actor(small, tmp_path, monkeypatch):
         raise AssertionError("an actor pool was started")
 
     monkeypatch.setattr(stage, "map_actors", no_pool)
-    with pytest.raises(BadInputError, match=r"reindex: one actor needs .*embeddings.*kv_cache.* \(actors.memory_gb\)\. Ways out"):
+    with pytest.raises(BadInputError, match=r"reindex: one actor needs .*embeddings.*kv_cache.*forward.* \(actors.memory_gb\)\. Ways out"):
         _reindex(out, new_captions=_csv(tmp_path, [("s5", "a bell rings")]),
                  actors={"num_actors": 1, "num_cpus": 1, "memory_gb": 0.001})
     assert not os.path.exists(os.path.join(out, "versions")) and not os.path.exists(os.path.join(out, "captions_added"))
