@@ -472,11 +472,12 @@ def pair_flops(cfg: DecoderConfig, vocab_size: int, n_tokens: float, n_frames: f
 @functools.cache
 def _warn_if_bf16_emulated() -> None:
     """Once per process: bf16 scoring on a CPU that emulates bf16 matmul is ~100x slower."""
-    if machine.bf16_emulated():
+    name, flags = machine.cpu_info()
+    if machine.bf16_emulated(flags):
         log.warning(
             "scorer.precision bf16 / bf16-refined on %s: this CPU has %s, so torch emulates "
             "bf16 at about 1%% of fp32's speed; set scorer.precision: fp32 for CPU actors here",
-            machine.cpu_info()[0], machine.matrix_units(machine.cpu_info()[1]),
+            name, machine.matrix_units(flags),
         )
 
 
