@@ -59,10 +59,11 @@ class ActorConfig:
     batch_size: int = 16
     """Rows per batch handed to an actor."""
     memory_gb: float | None = None
-    """Memory one actor may hold, in GiB; Ray reserves it for each actor when set. Jobs that
-    hold an audio index per actor (score_matrix, perturb, reindex) check their need against
-    it before any actor starts. None: on CPU this node's memory shared by the actors it can
-    host, on GPU the GPU's memory."""
+    """Host memory one actor may hold, in GiB; Ray reserves it for each actor when set. Jobs
+    that hold an audio index per actor (score_matrix, perturb, reindex) check their need
+    against it before any actor starts. None: the node's memory shared by the actors it can
+    host. On a GPU pool only the frames and a block's losses are host memory's; the model,
+    index, key/value cache and forward are checked against the GPU's memory."""
 
     def __post_init__(self) -> None:
         if self.memory_gb is not None and self.memory_gb <= 0:

@@ -55,7 +55,9 @@ layer's cross-attention keys/values (2 x n_layers x N x S x D in the compute dty
 fp32 for 100k audios of 31 frames at the paper's size); bf16-refined keeps two scorers
 (bf16 and fp32); and one forward's activations (`forward_memory`: on a GPU, where a forward
 takes every pairs_per_batch pair at once, mostly the logits). `scorer_memory` adds it up;
-score_matrix, perturb and reindex check it before any actor starts.
+score_matrix, perturb and reindex check it before any actor starts, on a GPU each part
+against the memory that holds it (`memory_places`: the frames as read and a block's losses
+stay in host memory).
 """
 
 from __future__ import annotations
@@ -1032,3 +1034,22 @@ def scorer_memory(
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+HOST_PARTS = ("embeddings", "block")
+"""The parts of `scorer_memory` held in host memory when the scorer runs on a GPU: the frames
+as read (`PairScorer._project` moves one clip at a time to the device) and a block's losses
+with the ranking's and the refinement's work arrays (numpy). The rest, the model, the index,
+the key/value cache and a forward's activations, are on the GPU."""
+
+
+def memory_places(need: dict[str, int], gpu: bool) -> dict[str, dict[str, int]]:
+    """`scorer_memory`'s (or a sum of them with the same parts) parts by the memory that holds
+    them, each place with its own "total": {"host": every part} on CPU; on a GPU {"gpu": the
+    model, index, key/value cache and forward, "host": `HOST_PARTS`}."""
+    parts = {k: v for k, v in need.items() if k != "total"}
+    if not gpu:
+        return {"host": {**parts, "total": sum(parts.values())}}
+    places = {"gpu": {k: v for k, v in parts.items() if k not in HOST_PARTS},
+              "host": {k: v for k, v in parts.items() if k in HOST_PARTS}}
+    return {name: {**p, "total": sum(p.values())} for name, p in places.items()}

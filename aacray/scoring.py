@@ -30,8 +30,9 @@ m of one block, S frames, D width.
 Resume. A block's result lands in `_blocks/` as it finishes; a rerun whose fingerprint
 (everything that shapes a block's result) matches skips the blocks already there.
 
-Memory model: what one actor holds (`scorer.scorer_memory`; logged and checked against
-`actors.memory_gb`, or the node's or GPU's memory, before any actor starts):
+Memory model: what one actor holds (`scorer.scorer_memory`; logged and checked before any
+actor starts against `actors.memory_gb` or the node's memory, on a GPU pool each part
+against the memory that holds it, `scorer.memory_places`):
 - the model (~12M parameters at the paper's size) and the scorer's weight copies;
 - the projected audio index, N x S x D fp32: 3.2 GB for 100k audios of 31 frames, D 256;
 - the per-layer cross-attention key/value cache, 2 x n_layers x N x S x D in the compute

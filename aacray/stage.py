@@ -180,44 +180,68 @@ class Output:
 # --------------------------------------------------------------------------------------
 
 
-def actor_memory(actors: ActorConfig) -> tuple[int | None, str]:
-    """(bytes one actor of this pool may hold, where the figure comes from); None when it
-    cannot be known here (a GPU pool seen from a driver without a GPU)."""
-    if actors.memory_gb is not None:
-        return int(actors.memory_gb * 2**30), "actors.memory_gb"
-    if actors.num_gpus > 0:
+def actor_memory(actors: ActorConfig, place: str = "host") -> tuple[int | None, str]:
+    """(bytes one actor of this pool may hold in `place`, where the figure comes from).
+    place "host": `actors.memory_gb` when set (what Ray reserves), else the memory of the
+    largest node that can host an actor, shared by the actors it can host (by its CPUs, and
+    on a GPU pool by its GPUs). place "gpu": its GPU's memory (x num_gpus when a fraction);
+    None when no GPU is visible here (a GPU pool seen from a driver without one)."""
+    if place == "gpu":
         import torch
 
         if not torch.cuda.is_available():
             return None, "the GPU of a worker (not visible from this driver)"
+        share = min(1.0, actors.num_gpus)
         total = torch.cuda.get_device_properties(0).total_memory
-        return int(total * min(1.0, actors.num_gpus)), f"{torch.cuda.get_device_name(0)} memory x {min(1.0, actors.num_gpus):g}"
+        return int(total * share), f"{torch.cuda.get_device_name(0)} memory x {share:g}"
+    if actors.memory_gb is not None:
+        return int(actors.memory_gb * 2**30), "actors.memory_gb"
     import ray
 
     best = 0
     for node in ray.nodes() if ray.is_initialized() else []:
         res = node.get("Resources", {})
-        if not node.get("Alive") or res.get("CPU", 0) < actors.num_cpus:
-            continue
-        per_node = max(1, min(actors.num_actors, int(res["CPU"] // max(actors.num_cpus, 1e-9))))
-        best = max(best, int(res.get("memory", 0) // per_node))
+        if node.get("Alive") and res.get("CPU", 0) >= actors.num_cpus and res.get("GPU", 0) >= actors.num_gpus:
+            best = max(best, int(res.get("memory", 0) // _actors_per_node(actors, res["CPU"], res.get("GPU", 0))))
     if best:
         return best, "the largest Ray node's memory shared by the actors it can host"
-    per_node = max(1, min(actors.num_actors, int((os.cpu_count() or 1) // max(actors.num_cpus, 1e-9))))
+    gpus = 0
+    if actors.num_gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    per_node = _actors_per_node(actors, os.cpu_count() or 1, gpus)
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // per_node, "this machine's memory shared by the actors it can host"
 
 
+def _actors_per_node(actors: ActorConfig, cpus: float, gpus: float) -> int:
+    """How many of the pool's actors a node of `cpus` CPUs and `gpus` GPUs hosts (at least 1)."""
+    n = actors.num_actors
+    if actors.num_cpus > 0:
+        n = min(n, int(cpus // actors.num_cpus))
+    if actors.num_gpus > 0:
+        n = min(n, int(gpus // actors.num_gpus))
+    return max(1, n)
+
+
 def check_actor_memory(job: str, need: dict[str, int], actors: ActorConfig, ways_out: str) -> None:
-    """Log what one actor will hold and refuse, before any actor starts, when it cannot fit."""
+    """Log what one actor will hold and refuse, before any actor starts, when it cannot fit.
+    On a GPU pool each part is checked against the memory that holds it (`scorer.memory_places`):
+    the model, index, key/value cache and forward against the GPU's, the frames and a block's
+    losses against host memory."""
     from aacray.errors import BadInputError
+    from aacray.scorer import memory_places
 
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-    parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items() if k != "total")
-    have, source = actor_memory(actors)
-    log.info("%s: each actor holds %s (%s); available: %s (%s)", job, gib(need["total"]), parts,
-             gib(have) if have else "unknown", source)
-    if have is not None and need["total"] > have:
-        raise BadInputError(
-            f"{job}: one actor needs {gib(need['total'])} ({parts}) but may hold {gib(have)} ({source}). "
-            f"Ways out: {ways_out}"
-        )
+    places = memory_places(need, actors.num_gpus > 0)
+    held, short = [], []
+    for place, part in places.items():
+        have, source = actor_memory(actors, place)
+        where = {"gpu": " on its GPU", "host": " in host memory"}[place] if len(places) > 1 else ""
+        parts = ", ".join(f"{k} {gib(v)}" for k, v in part.items() if k != "total")
+        held.append(f"{gib(part['total'])}{where} ({parts}); available: {gib(have) if have else 'unknown'} ({source})")
+        if have is not None and part["total"] > have:
+            short.append(f"{gib(part['total'])}{where} ({parts}) but may hold {gib(have)} ({source})")
+    log.info("%s: each actor holds %s", job, "; and ".join(held))
+    if short:
+        raise BadInputError(f"{job}: one actor needs {' and '.join(short)}. Ways out: {ways_out}")

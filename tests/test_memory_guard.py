@@ -8,7 +8,11 @@ job no actor can hold, before any actor starts.
   pairs in one forward, the classifier over all its rows), fp32 and bf16;
 - the docs' worked example: the key/value cache of 100k audios of 31 frames is ~38 GB fp32;
 - `actors.memory_gb=0.001` refuses the job with a BadInputError naming the need and the
-  ways out, before Ray starts, and leaves an existing output as it was.
+  ways out, before Ray starts, and leaves an existing output as it was;
+- on a GPU pool (a faked device) the guard checks the model, index, key/value cache and
+  forward against the GPU's memory and the frames and block against host memory: a job
+  whose total exceeds the GPU but whose GPU parts fit runs; each side refuses on its own;
+  a node's host memory is shared by the actors its CPUs and GPUs host (worked example).
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from faults import CAPTIONS, write_extract_output, write_random_checkpoint
 from aacray.config import ScoreConfig, from_dict
 from aacray.decoder import CaptionDecoder, DecoderConfig
 from aacray.errors import BadInputError
-from aacray.scorer import BlockScorer, PairScorer, forward_memory, scorer_memory
+from aacray.scorer import (
+    HOST_PARTS,
+    BlockScorer,
+    PairScorer,
+    forward_memory,
+    memory_places,
+    scorer_memory,
+)
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -86,6 +97,13 @@ def test_kv_cache_of_100k_audios_is_38_gb_fp32():
     assert clotho["forward"] == forward_memory(cfg, 5000, 22, 94, "fp32", 1045, gpu=True)
     listed = scorer_memory(1045, 94, cfg, 12_000_000, "fp32", 0, **kw)
     assert listed["forward"] == forward_memory(cfg, 5000, 22, 94, "fp32", 4096, gpu=True) > clotho["forward"]
+    # docs/operations.md: on a GPU, 100k audios of 31 frames hold 48 GB fp32 on the GPU (28 GB
+    # bf16, 70 GB bf16-refined) and, in host memory, 9.5 GB of frames plus the block
+    on_gpu = {p: memory_places(scorer_memory(100_000, 31, cfg, 12_000_000, p, 8192, **kw), gpu=True)
+              for p in ("fp32", "bf16", "bf16-refined")}
+    assert [round(on_gpu[p]["gpu"]["total"] / 1e9) for p in ("fp32", "bf16", "bf16-refined")] == [48, 28, 70]
+    assert round(on_gpu["fp32"]["host"]["embeddings"] / 1e9, 1) == 9.5
+    assert round(on_gpu["bf16-refined"]["host"]["total"] / 1e9) == 72
 
 
 def _peak_allocated(fn) -> int:
@@ -193,3 +211,91 @@ def test_score_matrix_refuses_an_index_no_actor_can_hold(tmp_path, monkeypatch, 
     with open(os.path.join(out, "_MANIFEST.json")) as f:
         assert f.read() == old  # the old output is untouched
     assert not os.path.exists(os.path.join(out, "_blocks")) and not os.path.exists(os.path.join(out, "config.yaml"))
+
+
+def _fake_gpu(monkeypatch, total_bytes: int, count: int = 8) -> None:
+    """torch.cuda as a driver on a node of `count` GPUs of total_bytes each would see it."""
+    props = type("Props", (), {"total_memory": total_bytes})()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_a_gpu_pool_checks_each_part_against_the_memory_that_holds_it(monkeypatch, caplog):
+    """100k audios of 31 frames, fp32, blocks of 8192 captions: the total (80 GB) exceeds a
+    GPU that holds the GPU's parts (48 GB), so a guard comparing the total with the GPU
+    refused a job that fits; the frames and the block (32 GB) are host memory's."""
+    from aacray.config import ActorConfig
+    from aacray.stage import check_actor_memory
+
+    need = scorer_memory(100_000, 31, DecoderConfig(), 12_000_000, "fp32", 8192, vocab_size=5000, max_tokens=22,
+                         pairs_per_batch=4096, gpu=True)
+    places = memory_places(need, gpu=True)
+    gpu, host = places["gpu"]["total"], places["host"]["total"]
+    # the places split the parts: every part once, totals adding up to the need's
+    assert set(places["host"]) - {"total"} == set(HOST_PARTS)
+    assert sorted(k for p in places.values() for k in p if k != "total") == sorted(k for k in need if k != "total")
+    assert gpu + host == need["total"] and memory_places(need, gpu=False) == {"host": need}
+    host_gb = (host + 2**30) / 2**30
+    fits = ActorConfig(num_actors=8, num_gpus=1, num_cpus=4, memory_gb=host_gb)
+    _fake_gpu(monkeypatch, gpu + 2**30)
+    assert need["total"] > gpu + 2**30  # the old rule (total against the GPU) refused this
+    with caplog.at_level(logging.INFO, logger="aacray.stage"):
+        check_actor_memory("score_matrix", need, fits, "WAYS")
+    line = next(r.getMessage() for r in caplog.records if "each actor holds" in r.getMessage())
+    assert f"{gpu / 2**30:.2f} GiB on its GPU (model" in line and "(Fake GPU memory x 1)" in line
+    assert f"{host / 2**30:.2f} GiB in host memory (embeddings" in line and "(actors.memory_gb)" in line
+
+    # the GPU's parts one byte over the GPU: refused, naming the GPU side only
+    _fake_gpu(monkeypatch, gpu - 1)
+    with pytest.raises(BadInputError) as e:
+        check_actor_memory("score_matrix", need, fits, "WAYS")
+    msg = str(e.value)
+    assert msg.startswith(f"score_matrix: one actor needs {gpu / 2**30:.2f} GiB on its GPU (model") and "kv_cache" in msg
+    assert "(Fake GPU memory x 1). Ways out: WAYS" in msg and "in host memory" not in msg
+    # a half GPU holds half its memory
+    _fake_gpu(monkeypatch, 2 * gpu - 2**20)
+    with pytest.raises(BadInputError, match=r"x 0\.5\)"):
+        check_actor_memory("score_matrix", need, ActorConfig(num_actors=8, num_gpus=0.5, memory_gb=host_gb), "WAYS")
+
+    # host memory one GiB short: refused, naming host memory and actors.memory_gb
+    _fake_gpu(monkeypatch, gpu + 2**30)
+    short = ActorConfig(num_actors=8, num_gpus=1, num_cpus=4, memory_gb=(host - 2**30) / 2**30)
+    with pytest.raises(BadInputError) as e:
+        check_actor_memory("score_matrix", need, short, "WAYS")
+    msg = str(e.value)
+    assert f"{host / 2**30:.2f} GiB in host memory (embeddings" in msg and "block" in msg and "(actors.memory_gb)" in msg
+    assert "on its GPU" not in msg
+
+    # a GPU the driver cannot see: its side unknown and unchecked, host memory still checked
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="aacray.stage"):
+        check_actor_memory("score_matrix", need, fits, "WAYS")
+    assert any("available: unknown (the GPU of a worker (not visible from this driver))" in r.getMessage() for r in caplog.records)
+    with pytest.raises(BadInputError, match="in host memory"):
+        check_actor_memory("score_matrix", need, short, "WAYS")
+
+
+def test_a_nodes_host_memory_is_shared_by_the_actors_it_hosts(monkeypatch):
+    """Worked example: a node of 32 CPUs, 8 GPUs and 256 GiB hosts 8 actors of 1 GPU and 2
+    CPUs (its GPUs bound them: 32 GiB each) or 16 CPU actors of 2 CPUs (16 GiB each); a
+    pool of 4 actors gets 64 GiB each; a node without the pool's GPUs hosts none."""
+    import ray
+
+    from aacray.config import ActorConfig
+    from aacray.stage import actor_memory
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 32.0, "GPU": 8.0, "memory": 256.0 * 2**30}},
+             {"Alive": True, "Resources": {"CPU": 64.0, "memory": 1024.0 * 2**30}},  # no GPU
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0, "memory": 4096.0 * 2**30}}]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    per_actor = lambda **kw: actor_memory(ActorConfig(**kw))[0] / 2**30  # noqa: E731
+    assert per_actor(num_actors=16, num_gpus=1, num_cpus=2) == 32
+    assert per_actor(num_actors=4, num_gpus=1, num_cpus=2) == 64
+    assert per_actor(num_actors=16, num_gpus=0.5, num_cpus=2) == 16  # 16 half-GPU actors
+    # CPU pools may use the GPU-less node: 1024 GiB / 32 actors of 2 CPUs
+    assert per_actor(num_actors=64, num_gpus=0, num_cpus=2) == 32
+    assert actor_memory(ActorConfig(num_gpus=1, memory_gb=3.0)) == (3 * 2**30, "actors.memory_gb")
