@@ -180,20 +180,23 @@ class Output:
 # --------------------------------------------------------------------------------------
 
 
+GPU_PROBE_SECONDS = 120
+"""How long the guard waits for a GPU worker to say what its GPU holds (a cluster may first
+have to start a GPU node); past that the GPU side goes unchecked, and the log says so."""
+
+
 def actor_memory(actors: ActorConfig, place: str = "host") -> tuple[int | None, str]:
     """(bytes one actor of this pool may hold in `place`, where the figure comes from).
     place "host": `actors.memory_gb` when set (what Ray reserves), else the memory of the
     largest node that can host an actor, shared by the actors it can host (by its CPUs, and
-    on a GPU pool by its GPUs). place "gpu": its GPU's memory (x num_gpus when a fraction);
-    None when no GPU is visible here (a GPU pool seen from a driver without one)."""
+    on a GPU pool by its GPUs). place "gpu": its GPU's memory (x num_gpus when a fraction),
+    this machine's when it has one, else asked of a worker holding the pool's GPUs (a
+    cluster's CPU head node); None when neither can tell."""
     if place == "gpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            return None, "the GPU of a worker (not visible from this driver)"
-        share = min(1.0, actors.num_gpus)
-        total = torch.cuda.get_device_properties(0).total_memory
-        return int(total * share), f"{torch.cuda.get_device_name(0)} memory x {share:g}"
+        have, source = gpu_memory_here(actors.num_gpus)
+        if have is None and _ray_initialized():
+            have, source = _gpu_memory_of_a_worker(actors.num_gpus)
+        return have, source
     if actors.memory_gb is not None:
         return int(actors.memory_gb * 2**30), "actors.memory_gb"
     import ray
@@ -245,3 +248,33 @@ def check_actor_memory(job: str, need: dict[str, int], actors: ActorConfig, ways
     log.info("%s: each actor holds %s", job, "; and ".join(held))
     if short:
         raise BadInputError(f"{job}: one actor needs {' and '.join(short)}. Ways out: {ways_out}")
+
+
+def gpu_memory_here(num_gpus: float) -> tuple[int | None, str]:
+    """(bytes of this process's first GPU x min(1, num_gpus), its name), or None when it has none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "the GPU of a worker (not visible from this driver)"
+    share = min(1.0, num_gpus)
+    total = torch.cuda.get_device_properties(0).total_memory
+    return int(total * share), f"{torch.cuda.get_device_name(0)} memory x {share:g}"
+
+
+def _ray_initialized() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _gpu_memory_of_a_worker(num_gpus: float) -> tuple[int | None, str]:
+    """`gpu_memory_here` run as a one-off task on a worker that has the pool's GPUs."""
+    import ray
+
+    ref = ray.remote(num_gpus=num_gpus, num_cpus=0)(gpu_memory_here).remote(num_gpus)
+    ready, _ = ray.wait([ref], timeout=GPU_PROBE_SECONDS)
+    if not ready:
+        ray.cancel(ref, force=True)
+        return None, f"the GPU of a worker (no worker with {num_gpus:g} GPU free to ask within {GPU_PROBE_SECONDS} s)"
+    have, source = ray.get(ref)
+    return have, (f"{source}, asked of a worker" if have is not None else "the GPU of a worker (its torch sees no GPU)")

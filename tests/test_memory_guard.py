@@ -12,7 +12,8 @@ job no actor can hold, before any actor starts.
 - on a GPU pool (a faked device) the guard checks the model, index, key/value cache and
   forward against the GPU's memory and the frames and block against host memory: a job
   whose total exceeds the GPU but whose GPU parts fit runs; each side refuses on its own;
-  a node's host memory is shared by the actors its CPUs and GPUs host (worked example).
+  a node's host memory is shared by the actors its CPUs and GPUs host (worked example); a
+  driver without a GPU asks a worker with the pool's GPUs, and says so when none answers.
 """
 
 from __future__ import annotations
@@ -226,6 +227,7 @@ def test_a_gpu_pool_checks_each_part_against_the_memory_that_holds_it(monkeypatc
     """100k audios of 31 frames, fp32, blocks of 8192 captions: the total (80 GB) exceeds a
     GPU that holds the GPU's parts (48 GB), so a guard comparing the total with the GPU
     refused a job that fits; the frames and the block (32 GB) are host memory's."""
+    from aacray import stage
     from aacray.config import ActorConfig
     from aacray.stage import check_actor_memory
 
@@ -268,8 +270,10 @@ def test_a_gpu_pool_checks_each_part_against_the_memory_that_holds_it(monkeypatc
     assert f"{host / 2**30:.2f} GiB in host memory (embeddings" in msg and "block" in msg and "(actors.memory_gb)" in msg
     assert "on its GPU" not in msg
 
-    # a GPU the driver cannot see: its side unknown and unchecked, host memory still checked
+    # a GPU the driver cannot see, and no Ray to ask a worker: its side unknown and unchecked,
+    # host memory still checked
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(stage, "_ray_initialized", lambda: False)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="aacray.stage"):
         check_actor_memory("score_matrix", need, fits, "WAYS")
@@ -299,3 +303,17 @@ def test_a_nodes_host_memory_is_shared_by_the_actors_it_hosts(monkeypatch):
     # CPU pools may use the GPU-less node: 1024 GiB / 32 actors of 2 CPUs
     assert per_actor(num_actors=64, num_gpus=0, num_cpus=2) == 32
     assert actor_memory(ActorConfig(num_gpus=1, memory_gb=3.0)) == (3 * 2**30, "actors.memory_gb")
+
+
+def test_a_driver_without_a_gpu_asks_a_worker(ray_local, monkeypatch):
+    """The question runs as a Ray task on a worker holding the pool's GPUs. On this GPU-less
+    Ray a 1-GPU worker never frees up: after GPU_PROBE_SECONDS the GPU side is unknown, and
+    the source says why; a worker that can run it (0 GPUs) answers that its torch sees none."""
+    from aacray import stage
+    from aacray.config import ActorConfig
+
+    monkeypatch.setattr(stage, "GPU_PROBE_SECONDS", 1)
+    assert stage.actor_memory(ActorConfig(num_gpus=1), "gpu") == (
+        None, "the GPU of a worker (no worker with 1 GPU free to ask within 1 s)")
+    monkeypatch.setattr(stage, "GPU_PROBE_SECONDS", 120)  # a worker to start, torch to import
+    assert stage._gpu_memory_of_a_worker(0) == (None, "the GPU of a worker (its torch sees no GPU)")
