@@ -4,7 +4,8 @@ CPU (paper-size model, random weights):   python jobs/bench_scoring.py
 + top-10 rankings fp32 vs bf16, demo:     python jobs/bench_scoring.py --demo-ranks
 + in-process scorer vs Ray score_matrix:  python jobs/bench_scoring.py --only ray \
       --ray-set 'audio_subsets=[development,validation,evaluation]'   (420 x 400 demo pairs)
-  (--ray-cpu: where the job's CPU went, by process role, in start-up, scoring and wind-down)
+  (--ray-cpu: where the job's CPU went, by process role, in start-up, scoring and wind-down;
+  jobs/bench_ray_floor.py: what Ray itself takes while the same pool's units sleep)
 + kept/discarded variants of the scorer:  python jobs/bench_scoring.py --ablations [TEXT]
   (TEXT: only the variants whose row name contains it; built from public arguments only:
   PairScorer's cpu_rows, pack_weights, fused_attention, one-thread streams as CPU actors run,

@@ -174,3 +174,28 @@ def test_read_processes_parses_proc(tmp_path):
     assert procs == {42: (10, "ray::IDLE")} and idle == 107
     live, _ = machine.read_processes()
     assert os.getpid() in live and live[os.getpid()][0] >= 0
+
+
+def test_ray_floor_accounts_for_every_cpu_tick_of_its_window():
+    """jobs/bench_ray_floor.py: the jobs' pool shape with sleeping units. Its roles' CPU
+    seconds plus the machine's idle time add up to the CPUs x the window (every tick counted
+    once, less what processes that ended took and a VM's stolen time), Ray's share is the
+    table's non-"other" rows, and Ray's driver and daemons used CPU in it."""
+    import re
+
+    ray_tmp = tempfile.mkdtemp(prefix="aacr", dir="/tmp")
+    try:
+        p = subprocess.run([sys.executable, "jobs/bench_ray_floor.py", "--units", "4", "--unit-seconds", "4"], cwd=ROOT,
+                           env=isolated_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    first, window = map(float, re.search(r"first unit started ([\d.]+) s .* window ([\d.]+) s", p.stdout).groups())
+    assert first > 0 and window >= 3.0, p.stdout
+    rows = {m[1]: float(m[2]) for m in re.finditer(r"^\| ([^|]+?) \| ([\d.]+) \| [\d.]+% \|$", p.stdout, re.M)}
+    cores = os.cpu_count() or 1
+    assert 0.8 * cores * window <= sum(rows.values()) <= 1.1 * cores * window, (rows, window)
+    ray_used = sum(v for k, v in rows.items() if k not in ("idle", "other processes"))
+    share = float(re.search(r"Ray's own processes: ([\d.]+)% of the machine", p.stdout)[1])
+    assert abs(share - 100 * ray_used / (cores * window)) < 0.3, (share, rows)
+    assert rows["driver"] > 0 and rows["Ray daemons"] > 0, rows
