@@ -1048,8 +1048,6 @@ def memory_places(need: dict[str, int], gpu: bool) -> dict[str, dict[str, int]]:
     them, each place with its own "total": {"host": every part} on CPU; on a GPU {"gpu": the
     model, index, key/value cache and forward, "host": `HOST_PARTS`}."""
     parts = {k: v for k, v in need.items() if k != "total"}
-    if not gpu:
-        return {"host": {**parts, "total": sum(parts.values())}}
-    places = {"gpu": {k: v for k, v in parts.items() if k not in HOST_PARTS},
-              "host": {k: v for k, v in parts.items() if k in HOST_PARTS}}
+    places = {"host": parts} if not gpu else {"gpu": {k: v for k, v in parts.items() if k not in HOST_PARTS},
+                                              "host": {k: v for k, v in parts.items() if k in HOST_PARTS}}
     return {name: {**p, "total": sum(p.values())} for name, p in places.items()}

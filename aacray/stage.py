@@ -192,15 +192,15 @@ def actor_memory(actors: ActorConfig, place: str = "host") -> tuple[int | None, 
     on a GPU pool by its GPUs). place "gpu": its GPU's memory (x num_gpus when a fraction),
     this machine's when it has one, else asked of a worker holding the pool's GPUs (a
     cluster's CPU head node); None when neither can tell."""
+    import ray
+
     if place == "gpu":
         have, source = gpu_memory_here(actors.num_gpus)
-        if have is None and _ray_initialized():
+        if have is None and ray.is_initialized():
             have, source = _gpu_memory_of_a_worker(actors.num_gpus)
         return have, source
     if actors.memory_gb is not None:
         return int(actors.memory_gb * 2**30), "actors.memory_gb"
-    import ray
-
     best = 0
     for node in ray.nodes() if ray.is_initialized() else []:
         res = node.get("Resources", {})
@@ -259,12 +259,6 @@ def gpu_memory_here(num_gpus: float) -> tuple[int | None, str]:
     share = min(1.0, num_gpus)
     total = torch.cuda.get_device_properties(0).total_memory
     return int(total * share), f"{torch.cuda.get_device_name(0)} memory x {share:g}"
-
-
-def _ray_initialized() -> bool:
-    import ray
-
-    return ray.is_initialized()
 
 
 def _gpu_memory_of_a_worker(num_gpus: float) -> tuple[int | None, str]:

@@ -227,7 +227,8 @@ def test_a_gpu_pool_checks_each_part_against_the_memory_that_holds_it(monkeypatc
     """100k audios of 31 frames, fp32, blocks of 8192 captions: the total (80 GB) exceeds a
     GPU that holds the GPU's parts (48 GB), so a guard comparing the total with the GPU
     refused a job that fits; the frames and the block (32 GB) are host memory's."""
-    from aacray import stage
+    import ray
+
     from aacray.config import ActorConfig
     from aacray.stage import check_actor_memory
 
@@ -273,7 +274,7 @@ def test_a_gpu_pool_checks_each_part_against_the_memory_that_holds_it(monkeypatc
     # a GPU the driver cannot see, and no Ray to ask a worker: its side unknown and unchecked,
     # host memory still checked
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(stage, "_ray_initialized", lambda: False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="aacray.stage"):
         check_actor_memory("score_matrix", need, fits, "WAYS")
