@@ -35,7 +35,6 @@ from aacray.decoding import beam_search_n_best
 from aacray.embeddings import check_embeddings, duplicate_ids, read_captions, read_embeddings
 from aacray.errors import BadInputError
 from aacray.metrics_env import MAIN_KEY, evaluate_captions
-from aacray.runtime import init_ray
 from aacray.shortlist import word_profiles
 from aacray.text import normalize
 
@@ -258,7 +257,7 @@ def caption_metrics(cfg: CaptionConfig, plan: CaptionPlan, got: dict[str, tuple[
 def run_caption(cfg: CaptionConfig) -> dict:
     t_start = time.time()
     plan = plan_caption(cfg)  # nothing runs on inputs that fail their checks
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)  # before the old output is invalidated
+    stage.start_ray("caption", cfg.ray, cfg.actors)  # before the old output is invalidated
     out = stage.Output(cfg.output, "caption", ["captions"]).begin(cfg)
     got, seconds = decode(cfg, plan)
     out.table("captions", captions_table(got))

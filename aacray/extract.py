@@ -27,7 +27,6 @@ from aacray.config import ActorConfig, ExtractConfig
 from aacray.corpora import AudioItem, list_items
 from aacray.embeddings import CAPTION_SCHEMA, embedding_schema, embedding_table
 from aacray.encoder import build_encoder, encode_logmels
-from aacray.runtime import init_ray
 
 log = logging.getLogger("aacray.extract")
 
@@ -205,7 +204,7 @@ def commit_extract(cfg: ExtractConfig, plan: ExtractPlan, out: stage.Output, red
 
 def run_extract(cfg: ExtractConfig) -> dict:
     plan = plan_extract(cfg)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)  # before the old output is invalidated
+    stage.start_ray("extract_embeddings", cfg.ray, cfg.actors)  # before the old output is invalidated
     out = stage.Output(cfg.output, "extract_embeddings", ["embeddings", "captions"]).begin(cfg, clear=[QUARANTINE_DIR])
     red = reduce_extract(plan, out, encode(cfg, plan, out))
     stats = commit_extract(cfg, plan, out, red)

@@ -61,7 +61,6 @@ from aacray.config import PerturbConfig, from_dict, to_dict
 from aacray.decoder import CaptionDecoder
 from aacray.embeddings import EmbeddingSet, read_captions, read_embeddings
 from aacray.errors import BadInputError
-from aacray.runtime import init_ray
 from aacray.scorer import PairScorer, check_inputs, scorer_memory, tokenize
 from aacray.text import WordTokenizer
 from aacray.text import words as normalized_words
@@ -483,7 +482,7 @@ def run_perturb(cfg: PerturbConfig) -> dict:
     plan = plan_perturb(cfg)  # nothing runs on inputs that fail their checks
     to_score = plan.pairs.pairs
     if to_score:  # no pair, no actor: neither Ray nor the memory guard is needed
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)  # before the old output is invalidated
+        stage.start_ray("perturb", cfg.ray, cfg.actors)  # before the old output is invalidated
         stage.check_actor_memory("perturb", plan.actor_memory, cfg.actors, MEMORY_WAYS_OUT)
     out = stage.Output(cfg.output, "perturb", ["pairs"]).begin(cfg)
     losses, seconds = score_pairs(cfg, to_score) if to_score else (np.full(0, np.nan, np.float32), 0.0)

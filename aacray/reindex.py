@@ -681,9 +681,7 @@ def _set_up(plan: Plan) -> None:
     if plan.inline:
         log.info("reindex: %d new pairs <= inline_max_pairs: scoring in the driver", plan.n_pairs)
         return
-    from aacray.runtime import init_ray
-
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    stage.start_ray("reindex", cfg.ray, cfg.actors)
     stage.check_actor_memory(
         "reindex", actor_need(plan), cfg.actors,
         f"every actor holds the whole audio index of {len(plan.all_ids)} audios: give it more memory "

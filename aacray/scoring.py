@@ -4,8 +4,9 @@ Phases (the skeleton of aacray/stage.py), one function each:
 1. plan (`plan_score_matrix` -> `ScorePlan`): read and check the inputs in the driver, cut
    the captions into blocks, choose the plots' queries, add up what one actor will hold;
 2. set up (`_set_up` -> `Run`): refuse a plan no actor can hold (`stage.check_actor_memory`),
-   with `candidates` not exact start Ray and choose the pairs (`attach_candidates`:
-   aacray/candidates.py), resume an unfinished run or begin the output, start Ray;
+   start Ray and refuse a pool no node can host (`stage.start_ray`), with `candidates` not
+   exact choose the pairs (`attach_candidates`: aacray/candidates.py), resume an unfinished
+   run or begin the output;
 3. run (`_run_blocks`): every pending block x every audio on the actor pool (`ScoreActor`),
    one result file per block under `_blocks/`;
 4. reduce (`_reduce` -> `Reduced`): the blocks' stats, top-k lists and plot rows, merged;
@@ -92,7 +93,15 @@ from aacray.retrieval import (
 from aacray.runtime import init_ray
 from aacray.scorer import BlockScorer, check_inputs, over_long, refine_summary, scorer_memory
 from aacray.shortlist import Candidates
-from aacray.stage import Output, PoolWork, actor_name, actor_setup, check_actor_memory, map_actors
+from aacray.stage import (
+    Output,
+    PoolWork,
+    actor_name,
+    actor_setup,
+    check_actor_memory,
+    map_actors,
+    start_ray,
+)
 from aacray.text import WordTokenizer, normalize
 
 log = logging.getLogger("aacray.scoring")
@@ -309,16 +318,16 @@ class Run:
 
 
 def _set_up(plan: ScorePlan) -> Run:
-    """Phase 2: check the memory, resume or begin the output, start Ray."""
+    """Phase 2: check the memory, start Ray, resume or begin the output."""
     cfg = plan.cfg
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         # a cluster: join it first, so the guard sees its nodes. An embedded Ray would run
-        # on this machine, whose memory the guard reads without starting it: a refused job
-        # (or an unusable output URI) then starts no Ray at all.
+        # on this machine, whose memory the guard reads without starting it: a job refused
+        # for memory then starts no Ray at all.
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_actor_memory(JOB, plan.need, cfg.actors, WAYS_OUT)
+    start_ray(JOB, cfg.ray, cfg.actors)  # a pool no node can host is refused before the output is touched
     if cfg.candidates != "exact":  # describing the index needs the actor pool
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
         attach_candidates(plan)
     blocks_uri = storage.join(cfg.output, BLOCKS)
     run_file = storage.join(blocks_uri, "_run.json")
@@ -333,7 +342,6 @@ def _set_up(plan: ScorePlan) -> Run:
     done = {i for i in range(len(plan.blocks)) if storage.exists(block_path(blocks_uri, i))} if resuming else set()
     if done:
         log.info("score_matrix: resuming: %d of %d blocks already scored, skipped", len(done), len(plan.blocks))
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     # longest captions first (blocks are cut from captions sorted by length): the costliest
     # blocks start early and the short ones fill in at the end, so actors finish together
     pending = [i for i in reversed(range(len(plan.blocks))) if i not in done]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aacray import storage
-from aacray.config import ActorConfig, dump_yaml
+from aacray.config import ActorConfig, RayConfig, dump_yaml
 
 log = logging.getLogger("aacray.stage")
 
@@ -176,6 +176,103 @@ class Output:
 
 
 # --------------------------------------------------------------------------------------
+# Can Ray's nodes host the pool
+# --------------------------------------------------------------------------------------
+
+
+ACTOR_SETTINGS = {"CPU": "actors.num_cpus", "GPU": "actors.num_gpus", "memory": "actors.memory_gb",
+                  "count": "actors.num_actors", "no GPU": "actors.num_gpus: 0"}
+"""The setting behind each resource an actor of a `map_actors` pool asks Ray for (and the
+one that runs it without a GPU)."""
+
+
+def start_ray(job: str, ray_cfg: RayConfig, actors: ActorConfig) -> None:
+    """Start or join Ray (`runtime.init_ray`) for a stage's actor pool, and refuse a pool
+    its nodes cannot host (`check_nodes_host`); before the stage touches its output."""
+    from aacray.runtime import init_ray
+
+    init_ray(ray_cfg.address, ray_cfg.num_cpus)
+    check_nodes_host(job, actor_demand(actors), ACTOR_SETTINGS, actors.num_actors)
+
+
+def actor_demand(actors: ActorConfig) -> dict[str, float]:
+    """What Ray reserves for one actor of this pool (what `map_actors` asks for)."""
+    return {"CPU": actors.num_cpus, "GPU": actors.num_gpus, "memory": (actors.memory_gb or 0) * 2**30}
+
+
+def hosts_on(demand: dict[str, float], resources: dict[str, float]) -> int:
+    """How many units of `demand` fit at once on a node with `resources` (Ray's totals)."""
+    fit = [math.floor(resources.get(k, 0) / v + 1e-6) for k, v in demand.items() if v > 0]
+    return min(fit) if fit else 1 << 30
+
+
+def check_nodes_host(job: str, demand: dict[str, float], settings: dict[str, str], count: int = 1, *,
+                     together: bool = False, spare_cpus: float = 0) -> None:
+    """Refuse, before any output is touched, a pool Ray would wait for forever.
+
+    demand: what one actor (worker) asks for; count: how many the pool wants; together:
+    all of them must start at once (Ray Train's worker group), else one is enough to run;
+    spare_cpus: CPUs that must stay free beside the group (the Ray Data reads that feed it).
+    On an embedded Ray (`runtime.ray_is_embedded`: one node, no autoscaler) a pool its node
+    cannot host is a BadInputError naming the settings to change; on a cluster the job
+    waits for an autoscaler to add nodes, so it only warns. Fewer actors than asked fitting
+    at once is logged (the pool runs with those)."""
+    import ray
+
+    from aacray.errors import BadInputError
+    from aacray.runtime import ray_is_embedded
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = sum(min(count, hosts_on(demand, res)) for res in nodes)
+    spare = sum(res.get("CPU", 0) for res in nodes) - min(fits, count) * demand.get("CPU", 0)
+    if fits >= (count if together else 1) and spare >= spare_cpus:
+        if fits < count:
+            log.warning("%s: Ray's nodes host %d of the %d actors at once (%s); the pool runs with those",
+                        job, fits, count, settings["count"])
+        return
+    have = "; ".join(_describe(res) for res in nodes) or "no live node"
+    what = (f"{count} x " if together else "") + _describe(demand, every=False)
+    what += f" ({settings['count'] + ', ' if together else ''}{_named(demand, settings)})"
+    if spare_cpus:
+        what += f" and {spare_cpus:g} CPU beside them for the data reads"
+    ways = _ways_out(demand, nodes, settings, count if together else 0, spare_cpus)
+    if ray_is_embedded():
+        raise BadInputError(f"{job}: this embedded Ray cannot host {what}: it has {have}, and no autoscaler "
+                            f"to add nodes, so the job would wait forever. Ways out: {ways}")
+    log.warning("%s: the Ray cluster cannot host %s now (it has %s); the job waits until an autoscaler adds "
+                "nodes. If this cluster cannot, stop the job (ray job stop) and %s", job, what, have, ways)
+
+
+def _named(demand: dict[str, float], settings: dict[str, str]) -> str:
+    return ", ".join(settings[k] for k, v in demand.items() if v > 0 and k in settings)
+
+
+def _describe(res: dict[str, float], every: bool = True) -> str:
+    """'2 CPU, 0 GPU, 16.0 GiB memory' (every=False: the nonzero ones only)."""
+    got = {"CPU": f"{res.get('CPU', 0):g} CPU", "GPU": f"{res.get('GPU', 0):g} GPU",
+           "memory": f"{res.get('memory', 0) / 2**30:.1f} GiB memory"}
+    return ", ".join(v for k, v in got.items() if every or res.get(k, 0) > 0) or "nothing"
+
+
+def _ways_out(demand: dict[str, float], nodes: list[dict], settings: dict[str, str], together: int,
+              spare_cpus: float) -> str:
+    """What to change: for each resource no node has enough of, else the group's size."""
+    most = {k: max((res.get(k, 0) for res in nodes), default=0) for k in ("CPU", "GPU", "memory")}
+    ways = []
+    if demand.get("GPU", 0) > most["GPU"]:
+        ways.append(f"run on CPUs ({settings['no GPU']}), or where this process sees a GPU")
+    if demand.get("CPU", 0) > most["CPU"]:
+        ways.append(f"lower {settings['CPU']} to {most['CPU']:g} or less, or give an embedded Ray more CPUs (ray.num_cpus)")
+    if demand.get("memory", 0) > most["memory"]:
+        ways.append(f"lower {settings['memory']} under {most['memory'] / 2**30:.1f} or leave it unset")
+    if not ways and together:
+        need = together * demand.get("CPU", 0) + spare_cpus
+        ways.append(f"lower {settings['count']} (now {together}) or {settings['CPU']}, or give an embedded Ray "
+                    f"{need:g} CPUs or more (ray.num_cpus)")
+    return "; ".join(ways) or f"ask less of each actor ({_named(demand, settings)})"
+
+
+# --------------------------------------------------------------------------------------
 # Memory guard
 # --------------------------------------------------------------------------------------
 
@@ -194,9 +291,11 @@ def actor_memory(actors: ActorConfig, place: str = "host") -> tuple[int | None, 
     cluster's CPU head node); None when neither can tell."""
     import ray
 
+    from aacray.runtime import ray_is_embedded
+
     if place == "gpu":
         have, source = gpu_memory_here(actors.num_gpus)
-        if have is None and ray.is_initialized():
+        if have is None and ray.is_initialized() and not ray_is_embedded():  # else its node is this machine
             have, source = _gpu_memory_of_a_worker(actors.num_gpus)
         return have, source
     if actors.memory_gb is not None:

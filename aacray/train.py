@@ -727,9 +727,12 @@ def run_train(cfg: TrainConfig, fit: Callable[[TrainJob], None] | None = None) -
     runs the same loop without Ray), commit the output."""
     job = _load_inputs(cfg)
     job.resume = plan_resume(cfg, job.prep.tokenizer, job.run)
+    fit = fit or fit_on_ray
+    if fit is fit_on_ray and job.resume.epoch < cfg.epochs:
+        _start_ray(cfg)  # before the old output is invalidated
     _begin_output(job)
     if job.resume.epoch < cfg.epochs:
-        (fit or fit_on_ray)(job)
+        fit(job)
     else:
         log.info("all %d epochs are in %s: nothing left to train", cfg.epochs, job.resume.checkpoint)
     return _finish(job, _last_checkpoint(job))
@@ -781,6 +784,21 @@ def _loop_config(job: TrainJob) -> dict:
         "resume_epoch": job.resume.epoch,
         "fault_hook": fault_hook_from_env(),
     }
+
+
+TRAIN_SETTINGS = {"CPU": "cpus_per_worker", "GPU": "use_gpu", "count": "num_workers", "no GPU": "use_gpu: false"}
+"""The setting behind each resource a Ray Train worker asks for (`stage.check_nodes_host`)."""
+
+
+def _start_ray(cfg: TrainConfig) -> None:
+    """Start or join Ray, and refuse a worker group its nodes cannot host: Ray Train starts
+    the workers together, and its data reads need a CPU beside them, or both wait forever."""
+    from aacray.runtime import init_ray
+    from aacray.stage import check_nodes_host
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    demand = {"CPU": cfg.cpus_per_worker, "GPU": 1.0 if cfg.use_gpu else 0.0}
+    check_nodes_host("train_decoder", demand, TRAIN_SETTINGS, cfg.num_workers, together=True, spare_cpus=1)
 
 
 def fit_on_ray(job: TrainJob) -> None:

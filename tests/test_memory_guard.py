@@ -199,6 +199,7 @@ def test_score_matrix_refuses_an_index_no_actor_can_hold(tmp_path, monkeypatch, 
         raise AssertionError("Ray was started for a job the memory guard should refuse")
 
     monkeypatch.setattr(scoring, "init_ray", no_ray)
+    monkeypatch.setattr(scoring, "start_ray", no_ray)
     monkeypatch.setattr(scoring, "map_actors", no_ray)
     cfg = from_dict(ScoreConfig, {"checkpoint": ckpt, "audio": ext, "captions": ext, "output": out,
                                   "actors": {"memory_gb": 0.001}})
@@ -310,9 +311,10 @@ def test_a_driver_without_a_gpu_asks_a_worker(ray_local, monkeypatch):
     """The question runs as a Ray task on a worker holding the pool's GPUs. On this GPU-less
     Ray a 1-GPU worker never frees up: after GPU_PROBE_SECONDS the GPU side is unknown, and
     the source says why; a worker that can run it (0 GPUs) answers that its torch sees none."""
-    from aacray import stage
+    from aacray import runtime, stage
     from aacray.config import ActorConfig
 
+    monkeypatch.setattr(runtime, "ray_is_embedded", lambda: False)  # as a cluster's CPU head node
     monkeypatch.setattr(stage, "GPU_PROBE_SECONDS", 1)
     assert stage.actor_memory(ActorConfig(num_gpus=1), "gpu") == (
         None, "the GPU of a worker (no worker with 1 GPU free to ask within 1 s)")
