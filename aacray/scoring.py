@@ -90,7 +90,6 @@ from aacray.retrieval import (
     score_pairs_block,
     topk_merge,
 )
-from aacray.runtime import init_ray
 from aacray.scorer import BlockScorer, check_inputs, over_long, refine_summary, scorer_memory
 from aacray.shortlist import Candidates
 from aacray.stage import (
@@ -320,13 +319,16 @@ class Run:
 def _set_up(plan: ScorePlan) -> Run:
     """Phase 2: check the memory, start Ray, resume or begin the output."""
     cfg = plan.cfg
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        # a cluster: join it first, so the guard sees its nodes. An embedded Ray would run
-        # on this machine, whose memory the guard reads without starting it: a job refused
-        # for memory then starts no Ray at all.
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    # a pool no node can host is refused (start_ray) before the output is touched. A cluster
+    # is joined first, so the memory guard sees its nodes; an embedded Ray would run on this
+    # machine, whose memory the guard reads without starting it: a job refused for memory
+    # then starts no Ray at all
+    cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if cluster:
+        start_ray(JOB, cfg.ray, cfg.actors)
     check_actor_memory(JOB, plan.need, cfg.actors, WAYS_OUT)
-    start_ray(JOB, cfg.ray, cfg.actors)  # a pool no node can host is refused before the output is touched
+    if not cluster:
+        start_ray(JOB, cfg.ray, cfg.actors)
     if cfg.candidates != "exact":  # describing the index needs the actor pool
         attach_candidates(plan)
     blocks_uri = storage.join(cfg.output, BLOCKS)

@@ -318,12 +318,7 @@ def actor_memory(actors: ActorConfig, place: str = "host") -> tuple[int | None, 
 
 def _actors_per_node(actors: ActorConfig, cpus: float, gpus: float) -> int:
     """How many of the pool's actors a node of `cpus` CPUs and `gpus` GPUs hosts (at least 1)."""
-    n = actors.num_actors
-    if actors.num_cpus > 0:
-        n = min(n, int(cpus // actors.num_cpus))
-    if actors.num_gpus > 0:
-        n = min(n, int(gpus // actors.num_gpus))
-    return max(1, n)
+    return max(1, min(actors.num_actors, hosts_on({"CPU": actors.num_cpus, "GPU": actors.num_gpus}, {"CPU": cpus, "GPU": gpus})))
 
 
 def check_actor_memory(job: str, need: dict[str, int], actors: ActorConfig, ways_out: str) -> None:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 from faults import CAPTIONS, write_extract_output, write_random_checkpoint
 
-from aacray import captioning, extract, perturb, runtime, scoring, storage, train
+from aacray import extract, runtime, scoring, storage, train
 from aacray.cli import EXIT_BAD_INPUT, run_job
 from aacray.config import ExtractConfig, ScoreConfig, TrainConfig
 
@@ -36,14 +36,11 @@ def _no_ray(*args, **kwargs):
 def job(monkeypatch, capsys):
     """run(cfg_cls, argv) -> (exit code, what the job printed on stderr), Ray forbidden.
 
-    Every job module is imported at the top of this file, so each has bound the real
-    `init_ray` before the patch (a job module first imported under the patch would keep
-    `_no_ray` for the rest of the session); the patch replaces the name where each job looks
-    it up (its own module, or aacray.runtime for those that import it late) and is undone
-    after the test.
+    Every job starts Ray through `stage.start_ray` (train_decoder: `train._start_ray`), which
+    looks `init_ray` up in aacray.runtime when called: the patch replaces it there, and is
+    undone after the test.
     """
-    for module in (runtime, extract, scoring, captioning, perturb):
-        monkeypatch.setattr(module, "init_ray", _no_ray)
+    monkeypatch.setattr(runtime, "init_ray", _no_ray)
 
     def run(cfg_cls, argv):
         fn = {ScoreConfig: scoring.run_score_matrix, ExtractConfig: extract.run_extract, TrainConfig: train.run_train}[cfg_cls]

@@ -198,7 +198,6 @@ def test_score_matrix_refuses_an_index_no_actor_can_hold(tmp_path, monkeypatch, 
     def no_ray(*a, **k):
         raise AssertionError("Ray was started for a job the memory guard should refuse")
 
-    monkeypatch.setattr(scoring, "init_ray", no_ray)
     monkeypatch.setattr(scoring, "start_ray", no_ray)
     monkeypatch.setattr(scoring, "map_actors", no_ray)
     cfg = from_dict(ScoreConfig, {"checkpoint": ckpt, "audio": ext, "captions": ext, "output": out,

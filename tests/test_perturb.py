@@ -325,7 +325,7 @@ def test_memory_guard_refuses_before_any_actor_starts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stage, "map_actors", no_actors)
     # actors.memory_gb is the limit: the guard asks Ray nothing, so no Ray needs to start
-    monkeypatch.setattr(perturb, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(stage, "start_ray", lambda *a, **k: None)
     cfg = from_dict(PerturbConfig, {
         "checkpoint": ckpt, "audio": emb, "captions": emb, "output": out,
         "actors": {"num_actors": 1, "num_cpus": 1, "batch_size": 16, "memory_gb": 0.001},

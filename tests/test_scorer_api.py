@@ -100,7 +100,7 @@ def test_score_matrix_refuses_over_long_captions_before_ray(tmp_path, monkeypatc
     def no_ray(*a, **k):
         raise AssertionError("Ray was started for inputs score_matrix should refuse")
 
-    monkeypatch.setattr(scoring, "init_ray", no_ray)
+    monkeypatch.setattr(scoring, "start_ray", no_ray)
     cfg = from_dict(ScoreConfig, {"checkpoint": ckpt, "audio": ext, "captions": ext, "output": str(tmp_path / "s")})
     with pytest.raises(BadInputError, match=r"1 caption\(s\) longer than the decoder's limit of 63 words .* clip0#long \(80 words\)"):
         scoring.run_score_matrix(cfg)
