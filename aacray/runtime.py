@@ -383,15 +383,15 @@ def train_logging_config():
 
 LOCAL_START_TRIES = 3
 
-_embedded = False  # whether this process's Ray is one init_ray started here (no autoscaler)
+_embedded_gcs: str | None = None  # the GCS address of the embedded Ray init_ray last started
 
 
 def ray_is_embedded() -> bool:
-    """True when this process runs an embedded local Ray that `init_ray` started: its one
-    node is all it will ever have (no autoscaler adds nodes to it)."""
+    """True when this process is connected to an embedded local Ray that `init_ray` started:
+    its one node is all it will ever have (no autoscaler adds nodes to it)."""
     import ray
 
-    return _embedded and ray.is_initialized()
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address == _embedded_gcs
 
 
 def _start_local(ray, num_cpus: int | None, runtime_env: dict | None) -> None:
@@ -424,7 +424,7 @@ def _half_started_node(e: BaseException):
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    global _embedded
+    global _embedded_gcs
     import ray
 
     quiet_ray_env()
@@ -444,7 +444,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         log.info("starting an embedded local Ray (num_cpus=%s)", num_cpus)
         _start_local(ray, num_cpus, runtime_env)
-    _embedded = address is None and not os.environ.get("RAY_ADDRESS")
+        _embedded_gcs = ray.get_runtime_context().gcs_address
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

@@ -86,6 +86,7 @@ def node_loss_main(work: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
+    from aacray import runtime
     from aacray.config import ExtractConfig, ScoreConfig, from_dict
     from aacray.corpora import write_demo_corpus
     from aacray.embeddings import read_captions
@@ -176,6 +177,7 @@ def node_loss_main(work: str) -> None:
     report["score_ref_seconds"] = round(time.time() - t0, 2)
     report["score_kill"] = faulty(score, os.path.join(work, "score_kill"), "_blocks", "block-", 1)
     report["nodes_alive_at_end"] = sum(n["Alive"] for n in ray.nodes())
+    report["embedded"] = runtime.ray_is_embedded()  # a joined cluster: a pool it cannot host only warns
     with open(os.path.join(work, "report.json"), "w") as f:
         json.dump(report, f, indent=2, default=str)
     ray.shutdown()
@@ -226,6 +228,7 @@ def test_node_loss_during_score_matrix(node_loss):
     work, report = node_loss
     info = report["score_kill"]
     assert info["killed"], info
+    assert report["embedded"] is False  # the jobs joined the cluster (RAY_ADDRESS), not an embedded Ray
     assert info["results_done_at_kill"] < 13, info
     ref, got = os.path.join(work, "score_ref"), os.path.join(work, "score_kill")
     assert assert_same_table(ref, got, "scores") == 40 * 200  # unique (audio, caption) pairs
