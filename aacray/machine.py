@@ -118,21 +118,28 @@ def read_processes(proc: str = "/proc") -> tuple[dict[int, tuple[int, str]], int
     return procs, cpu[3] + cpu[4]  # idle + iowait
 
 
+def cpu_between(a: tuple[float, dict[int, tuple[int, str]], int], b: tuple[float, dict[int, tuple[int, str]], int],
+                driver: int, hz: int) -> dict[str, float]:
+    """Two samples (time, processes, idle ticks) of `read_processes` -> {"seconds": wall,
+    "idle": machine idle CPU-s, role: CPU-s} between them. A tick counts under the role of
+    its process's title in the later sample."""
+    (t0, before, idle0), (t1, after, idle1) = a, b
+    used = {"seconds": t1 - t0, "idle": (idle1 - idle0) / hz}
+    for pid, (ticks, title) in after.items():
+        d = ticks - before.get(pid, (0, ""))[0]
+        if d > 0:
+            role = process_role(title, pid, driver)
+            used[role] = used.get(role, 0.0) + d / hz
+    return used
+
+
 def cpu_by_role(samples: list[tuple[float, dict[int, tuple[int, str]], int]], driver: int, hz: int) -> dict:
     """Samples (time, processes, idle ticks) of `read_processes` taken while a job ran ->
     {phase: {"seconds": wall, "idle": machine idle CPU-s, role: CPU-s}} for the phases
     "start-up" (until the first interval in which SCORING used CPU), "scoring" (to the last
     such interval) and "wind-down" (after it: reduction, commit, shutdown). A tick between two
     samples counts under the role of the process's title in the later one."""
-    intervals = []
-    for (t0, before, idle0), (t1, after, idle1) in pairwise(samples):
-        used = {"seconds": t1 - t0, "idle": (idle1 - idle0) / hz}
-        for pid, (ticks, title) in after.items():
-            d = ticks - before.get(pid, (0, ""))[0]
-            if d > 0:
-                role = process_role(title, pid, driver)
-                used[role] = used.get(role, 0.0) + d / hz
-        intervals.append(used)
+    intervals = [cpu_between(a, b, driver, hz) for a, b in pairwise(samples)]
     scoring = [i for i, used in enumerate(intervals) if SCORING in used]
     first, last = (scoring[0], scoring[-1]) if scoring else (len(intervals), len(intervals))
     phases: dict[str, dict[str, float]] = {}

@@ -200,6 +200,13 @@ def actor_demand(actors: ActorConfig) -> dict[str, float]:
     return {"CPU": actors.num_cpus, "GPU": actors.num_gpus, "memory": (actors.memory_gb or 0) * 2**30}
 
 
+def live_nodes() -> list[dict[str, float]]:
+    """The resources (Ray's totals) of each live node of the Ray this process is connected to."""
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
 def hosts_on(demand: dict[str, float], resources: dict[str, float]) -> int:
     """How many units of `demand` fit at once on a node with `resources` (Ray's totals)."""
     fit = [math.floor(resources.get(k, 0) / v + 1e-6) for k, v in demand.items() if v > 0]
@@ -217,12 +224,11 @@ def check_nodes_host(job: str, demand: dict[str, float], settings: dict[str, str
     cannot host is a BadInputError naming the settings to change; on a cluster the job
     waits for an autoscaler to add nodes, so it only warns. Fewer actors than asked fitting
     at once is logged (the pool runs with those)."""
-    import ray
 
     from aacray.errors import BadInputError
     from aacray.runtime import ray_is_embedded
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = live_nodes()
     fits = sum(min(count, hosts_on(demand, res)) for res in nodes)
     spare = sum(res.get("CPU", 0) for res in nodes) - min(fits, count) * demand.get("CPU", 0)
     if fits >= (count if together else 1) and spare >= spare_cpus:
@@ -300,11 +306,8 @@ def actor_memory(actors: ActorConfig, place: str = "host") -> tuple[int | None, 
         return have, source
     if actors.memory_gb is not None:
         return int(actors.memory_gb * 2**30), "actors.memory_gb"
-    best = 0
-    for node in ray.nodes() if ray.is_initialized() else []:
-        res = node.get("Resources", {})
-        if node.get("Alive") and res.get("CPU", 0) >= actors.num_cpus and res.get("GPU", 0) >= actors.num_gpus:
-            best = max(best, int(res.get("memory", 0) // _actors_per_node(actors, res["CPU"], res.get("GPU", 0))))
+    hosted = [(res, _actors_per_node(actors, res.get("CPU", 0), res.get("GPU", 0))) for res in (live_nodes() if ray.is_initialized() else [])]
+    best = max((int(res.get("memory", 0) // n) for res, n in hosted if n), default=0)
     if best:
         return best, "the largest Ray node's memory shared by the actors it can host"
     gpus = 0
@@ -312,13 +315,13 @@ def actor_memory(actors: ActorConfig, place: str = "host") -> tuple[int | None, 
         import torch
 
         gpus = torch.cuda.device_count()
-    per_node = _actors_per_node(actors, os.cpu_count() or 1, gpus)
+    per_node = max(1, _actors_per_node(actors, os.cpu_count() or 1, gpus))
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // per_node, "this machine's memory shared by the actors it can host"
 
 
 def _actors_per_node(actors: ActorConfig, cpus: float, gpus: float) -> int:
-    """How many of the pool's actors a node of `cpus` CPUs and `gpus` GPUs hosts (at least 1)."""
-    return max(1, min(actors.num_actors, hosts_on({"CPU": actors.num_cpus, "GPU": actors.num_gpus}, {"CPU": cpus, "GPU": gpus})))
+    """How many of the pool's actors a node of `cpus` CPUs and `gpus` GPUs hosts (0: none)."""
+    return min(actors.num_actors, hosts_on({"CPU": actors.num_cpus, "GPU": actors.num_gpus}, {"CPU": cpus, "GPU": gpus}))
 
 
 def check_actor_memory(job: str, need: dict[str, int], actors: ActorConfig, ways_out: str) -> None:

@@ -802,15 +802,15 @@ def _start_ray(cfg: TrainConfig) -> None:
 
 
 def fit_on_ray(job: TrainJob) -> None:
-    """Ray Train (TorchTrainer, DDP) over the embedding Parquet, from the resume point."""
+    """Ray Train (TorchTrainer, DDP) over the embedding Parquet, from the resume point, on
+    the Ray `run_train` started (`_start_ray`)."""
     import ray.data
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from aacray.runtime import init_ray, train_logging_config
+    from aacray.runtime import train_logging_config
 
     cfg = job.cfg
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     # per-epoch progress is printed by rank 0; Ray Data's own bars would repeat every epoch
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Ray's checkpoint list (module docstring) is not used, and one left by an older aacray

@@ -8,7 +8,7 @@ unit in flight per actor), but each unit sleeps instead of scoring: every CPU ti
 window is Ray's own (its daemons, Ray Data's executor in the driver and its three internal
 actors, the idle pool actors) or another process's. Prints the time to the first unit (worker
 boot and `ray.data` import, no torch), then CPU seconds by process role over the window from
-the first unit's end to the last's (`machine.read_processes`, `machine.process_role`), and
+the first unit's end to the last's (`machine.read_processes`, `machine.cpu_between`), and
 Ray's share of the machine: scoring actors can get at most the rest.
 """
 
@@ -59,22 +59,17 @@ def main(argv: list[str]) -> None:
     t0 = time.time()
     rows = iter(ds.iter_rows())
     first = next(rows)
-    t_a, (procs_a, idle_a) = time.time(), machine.read_processes()
+    sample_a = (time.time(), *machine.read_processes())
     starts = [first["started"]] + [r["started"] for r in rows]
-    t_b, (procs_b, idle_b) = time.time(), machine.read_processes()
-    hz, window = os.sysconf("SC_CLK_TCK"), t_b - t_a
-    by_role: dict[str, float] = {}
-    for pid, (ticks, title) in procs_b.items():
-        used = (ticks - procs_a.get(pid, (0, ""))[0]) / hz
-        if used > 0:
-            role = machine.process_role(title, pid, os.getpid())
-            by_role[role] = by_role.get(role, 0.0) + used
+    sample_b = (time.time(), *machine.read_processes())
+    by_role = machine.cpu_between(sample_a, sample_b, os.getpid(), os.sysconf("SC_CLK_TCK"))
+    window, idle = by_role.pop("seconds"), by_role.pop("idle")
     print(f"{args.actors} actors x {args.cpus_per_actor:g} CPU, {args.units} units of {args.unit_seconds:g} s asleep; "
           f"first unit started {min(starts) - t0:.1f} s after the dataset ran; window {window:.1f} s")
     print(f"| role | CPU-s | share of {cores} CPUs |\n| --- | --- | --- |")
     for role, used in sorted(by_role.items(), key=lambda kv: -kv[1]):
         print(f"| {role} | {used:.2f} | {used / (cores * window):.1%} |")
-    print(f"| idle | {(idle_b - idle_a) / hz:.2f} | {(idle_b - idle_a) / hz / (cores * window):.1%} |")
+    print(f"| idle | {idle:.2f} | {idle / (cores * window):.1%} |")
     ray_share = sum(v for r, v in by_role.items() if r != "other processes") / (cores * window)
     print(f"Ray's own processes: {ray_share:.1%} of the machine; scoring actors get at most {1 - ray_share:.1%} of it "
           f"while they run, before start-up and the idle tail")
