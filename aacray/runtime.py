@@ -243,7 +243,13 @@ class ProgressCondenser(logging.Filter):
 
 class ForwardedLines:
     """Filters the worker output Ray forwards to the driver (batches of lines per process):
-    drops CONSOLE_NOISE lines and the traceback or lines that follow them."""
+    drops CONSOLE_NOISE lines and the traceback or lines that follow them.
+
+    Ray's log monitor reads a worker's log file while the worker writes it, so a line
+    written in several writes can come cut in two: its head ends one batch and its tail
+    starts the next batch of the same stream. A tail inside a hidden traceback is hidden
+    with it (`_is_cut_tail`): it is often not indented, so it would otherwise read as the
+    traceback's last line and let the rest of the traceback through."""
 
     def __init__(self):
         self._state: dict[tuple, tuple[str, int]] = {}  # stream -> (mode, lines left)
@@ -258,8 +264,11 @@ class ForwardedLines:
         kept = []
         with self._lock:
             mode, left = self._state.get(key, ("", 0))
-            for line in lines:
-                hide, mode, left = self._step(line, mode, left)
+            for i, line in enumerate(lines):
+                if i == 0 and _is_cut_tail(line, mode):
+                    hide, mode = True, ("tb" if mode == "tb" else "exc")  # its head was hidden
+                else:
+                    hide, mode, left = self._step(line, mode, left)
                 if hide:
                     _aside.write(who, line)
                 else:
@@ -270,19 +279,24 @@ class ForwardedLines:
     @staticmethod
     def _step(line: str, mode: str, left: int) -> tuple[bool, str, int]:
         """(hide this line, next mode, lines left). Modes: '' normal; 'then' hide `left`
-        more lines; 'tb?' a traceback may follow; 'tb' inside one; 'exc' after its last line."""
+        more lines; 'tb?' a traceback may follow; 'tb' inside one; 'exc' after its last line;
+        'exc?' after a last line with no message yet (maybe cut after the exception's name)."""
         if mode == "then" and left > 0:
             return True, ("then" if left > 1 else ""), left - 1
-        if mode in ("tb?", "exc"):
+        if mode in ("tb?", "exc", "exc?"):
             if line.startswith("Traceback (most recent call last)"):
                 return True, "tb", 0
-            if mode == "exc" and (line.strip() == "" or line.startswith(("During handling", "The above exception"))):
+            after = mode != "tb?"
+            if after and (line.strip() == "" or line.startswith(("During handling", "The above exception"))):
                 return True, "exc", 0  # a chained exception: its traceback follows
+            if after and line.startswith((" ", "\t")):
+                return True, "tb", 0  # the message's own indented lines, or a cut line's tail
             mode = ""
         elif mode == "tb":
             if line.startswith((" ", "\t")) or line.strip() == "":
                 return True, "tb", 0
-            return True, "exc", 0  # "SomeError: message", the traceback's last line
+            # "SomeError: message", the traceback's last line
+            return True, ("exc?" if _NAME_ONLY.match(line) else "exc"), 0
         n = match_noise(line)
         if n is None:
             return False, "", 0
@@ -291,6 +305,25 @@ class ForwardedLines:
         if n.then:
             return True, "then", n.then
         return True, "", 0
+
+
+# a traceback's last line: "ValueError: ...", "ray.exceptions.RayTaskError(ValueError): ...",
+# or a bare name ("StopIteration"); _NAME_ONLY: one whose message has not come (yet)
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(\([\w.]*\))?(:|$)")
+_NAME_ONLY = re.compile(r"^[A-Za-z_][\w.]*(\([\w.]*\))?(: ?)?$")
+
+
+def _is_cut_tail(line: str, mode: str) -> bool:
+    """Whether the first line of a batch, arriving while a traceback is hidden, is the tail
+    of a line cut at the previous batch's end. Python prints a thread's traceback in small
+    writes (a caret line one character at a time), so the cut falls mostly inside a line of
+    the traceback ('tb'): its tail is then neither indented nor shaped like the exception's
+    last line. After a last line with no message ('exc?'), the tail is that message."""
+    if mode not in ("tb", "exc?") or line.strip() == "" or match_noise(line) is not None:
+        return False
+    if mode == "tb":
+        return not line.startswith((" ", "\t")) and _EXCEPTION_LINE.match(line) is None
+    return not line.startswith("Traceback (most recent call last)")
 
 
 _forwarded = ForwardedLines()

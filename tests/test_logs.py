@@ -8,6 +8,7 @@ fails on purpose; the test reads that process's console.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -101,6 +102,75 @@ def test_real_errors_and_job_lines_pass_the_forwarded_filter():
         assert f.filter(_batch([SEND_FAILED, *TB])) == [SEND_FAILED, *TB]
     finally:
         del os.environ["AACRAY_RAY_CONSOLE"]
+
+
+class _Writes:
+    """A stderr that keeps each write: a Ray worker's stderr (utils.open_log, unbuffered)
+    makes each one a write(2) to the log file, so Ray's log monitor can read up to any of
+    their ends and publish the rest of that line as the first line of a later batch."""
+
+    def __init__(self):
+        self.pieces: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.pieces.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _dead_cleaner_thread_writes() -> list[str]:
+    """What the PlacementGroupCleaner's thread writes when it dies (CI, 2026-12-07: two Ray
+    instances on the host): Python's own excepthook prints the traceback, carets and all."""
+    import threading
+
+    def canonicalize(address):
+        raise ConnectionError(f"Found multiple active Ray instances: {{'{address}', '192.0.2.2:6379'}}.")
+
+    def api_server_url(address):
+        url = canonicalize(address.strip()) + "/" + address.lower()
+        return url
+
+    def monitor():
+        alive = api_server_url("192.0.2.2:41113") is not None
+        return alive
+
+    err, hook = sys.stderr, threading.excepthook
+    sys.stderr, threading.excepthook = _Writes(), threading.__excepthook__  # Python's, not pytest's
+    try:
+        t = threading.Thread(target=monitor, name="PlacementGroupCleanerMonitor")
+        t.start()
+        t.join()
+        return sys.stderr.pieces
+    finally:
+        sys.stderr, threading.excepthook = err, hook
+
+
+def test_a_traceback_line_cut_between_two_batches_stays_hidden():
+    """CI 2026-12-07: a caret line of the dead cleaner's traceback came cut in two; its tail
+    ('^^^^') read as the traceback's last line and the rest reached the console. Here the
+    traceback is cut at the end of every write Python makes after its first line, as the log
+    monitor can, and a line that follows in a later batch is still shown. (A cut inside the
+    first line, "Exception in thread ...", is not caught: its head is not noise yet.)"""
+    pieces = _dead_cleaner_thread_writes()
+    text = "".join(pieces)
+    lines = text.splitlines()
+    assert lines[0] == "Exception in thread PlacementGroupCleanerMonitor:" and "^^^" in text
+    assert lines[-1].startswith("ConnectionError: Found multiple active Ray instances")
+    assert runtime.ForwardedLines().filter(_batch(lines, actor="PlacementGroupCleaner")) == []
+    header = len(lines[0]) + 1
+    cuts = sorted({c for c in itertools.accumulate(len(p) for p in pieces) if header < c < len(text)})
+    assert len(cuts) > 100  # a caret or a space per write
+    shown = {}
+    for cut in cuts:
+        head, tail = text[:cut].split("\n"), text[cut:].splitlines()
+        head = head if head[-1] else head[:-1]  # a cut at a line's end leaves no fragment
+        f = runtime.ForwardedLines()
+        kept = [line for batch in (head, tail, ["next line"]) for line in f.filter(_batch(batch))]
+        if kept != ["next line"]:
+            shown[cut] = kept
+    assert shown == {}, list(shown.items())[:3]
 
 
 def test_filters_wired_into_rays_driver_printing():
