@@ -266,7 +266,7 @@ class ForwardedLines:
             mode, left = self._state.get(key, ("", 0))
             for i, line in enumerate(lines):
                 if i == 0 and _is_cut_tail(line, mode):
-                    hide, mode = True, ("tb" if mode == "tb" else "exc")  # its head was hidden
+                    hide, mode = True, {"exc?": "exc"}.get(mode, mode)  # its head was hidden
                 else:
                     hide, mode, left = self._step(line, mode, left)
                 if hide:
@@ -318,7 +318,10 @@ def _is_cut_tail(line: str, mode: str) -> bool:
     of a line cut at the previous batch's end. Python prints a thread's traceback in small
     writes (a caret line one character at a time), so the cut falls mostly inside a line of
     the traceback ('tb'): its tail is then neither indented nor shaped like the exception's
-    last line. After a last line with no message ('exc?'), the tail is that message."""
+    last line. After a last line with no message ('exc?'), the tail is that message; after
+    a noise line cut before its colon ('tb?', "Exception in thread X" + ":"), that colon."""
+    if mode == "tb?":
+        return line.startswith(":")
     if mode not in ("tb", "exc?") or line.strip() == "" or match_noise(line) is not None:
         return False
     if mode == "tb":
