@@ -309,8 +309,9 @@ class ForwardedLines:
 
 # a traceback's last line: "ValueError: ...", "ray.exceptions.RayTaskError(ValueError): ...",
 # or a bare name ("StopIteration"); _NAME_ONLY: one whose message has not come (yet)
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(\([\w.]*\))?(:|$)")
-_NAME_ONLY = re.compile(r"^[A-Za-z_][\w.]*(\([\w.]*\))?(: ?)?$")
+_EXCEPTION_NAME = r"^[A-Za-z_][\w.]*(\([\w.]*\))?"
+_EXCEPTION_LINE = re.compile(_EXCEPTION_NAME + r"(:|$)")
+_NAME_ONLY = re.compile(_EXCEPTION_NAME + r"(: ?)?$")
 
 
 def _is_cut_tail(line: str, mode: str) -> bool:
@@ -422,6 +423,12 @@ LOCAL_START_TRIES = 3
 _embedded_gcs: str | None = None  # the GCS address of the embedded Ray init_ray last started
 
 
+def joins_cluster(address: str | None) -> bool:
+    """Whether `init_ray(address)` joins a running Ray cluster (an address, or the
+    RAY_ADDRESS that `ray job submit` sets) rather than start an embedded one."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
 def ray_is_embedded() -> bool:
     """True when this process is connected to an embedded local Ray that `init_ray` started:
     its one node is all it will ever have (no autoscaler adds nodes to it)."""
@@ -471,12 +478,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     _add_filter("ray", _noise_filter)
     env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
-    if address is None and os.environ.get("RAY_ADDRESS"):
-        log.info("joining the Ray cluster at RAY_ADDRESS=%s", os.environ["RAY_ADDRESS"])
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
-    elif address is not None:
-        log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env)
+    if joins_cluster(address):
+        log.info("joining the Ray cluster at %s", address or f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}")
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         log.info("starting an embedded local Ray (num_cpus=%s)", num_cpus)
         _start_local(ray, num_cpus, runtime_env)

@@ -61,7 +61,6 @@ import dataclasses
 import hashlib
 import io
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -90,6 +89,7 @@ from aacray.retrieval import (
     score_pairs_block,
     topk_merge,
 )
+from aacray.runtime import joins_cluster
 from aacray.scorer import BlockScorer, check_inputs, over_long, refine_summary, scorer_memory
 from aacray.shortlist import Candidates
 from aacray.stage import (
@@ -323,7 +323,7 @@ def _set_up(plan: ScorePlan) -> Run:
     # is joined first, so the memory guard sees its nodes; an embedded Ray would run on this
     # machine, whose memory the guard reads without starting it: a job refused for memory
     # then starts no Ray at all
-    cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    cluster = joins_cluster(cfg.ray.address)
     if cluster:
         start_ray(JOB, cfg.ray, cfg.actors)
     check_actor_memory(JOB, plan.need, cfg.actors, WAYS_OUT)

@@ -224,7 +224,6 @@ def check_nodes_host(job: str, demand: dict[str, float], settings: dict[str, str
     cannot host is a BadInputError naming the settings to change; on a cluster the job
     waits for an autoscaler to add nodes, so it only warns. Fewer actors than asked fitting
     at once is logged (the pool runs with those)."""
-
     from aacray.errors import BadInputError
     from aacray.runtime import ray_is_embedded
 
